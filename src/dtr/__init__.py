@@ -1,0 +1,24 @@
+"""Denoising Task Routing (DTR, ICLR 2024) for any PyTorch diffusion model.
+
+    routing = dtr.wrap(model, sharing_ratio=0.8)   # in place, forward hooks only
+    out = model(x, t, y)                           # each sample routed by its own timestep
+    routing.remove()                               # or dtr.unwrap(model)
+"""
+
+__version__ = "0.1.0"
+
+from .api import routing_of, unwrap, wrap
+from .routing import Routing, RoutingSpec, active_channels, task_masks, timesteps_to_tasks, window_starts
+
+__all__ = [
+    "__version__",
+    "wrap",
+    "unwrap",
+    "routing_of",
+    "task_masks",
+    "window_starts",
+    "active_channels",
+    "timesteps_to_tasks",
+    "Routing",
+    "RoutingSpec",
+]
