@@ -187,3 +187,17 @@ def test_timesteps_bad_shape_and_type():
         timesteps_to_tasks("5", 1000)
     with pytest.raises(TypeError, match="timestep"):
         timesteps_to_tasks(True, 1000)
+
+
+def test_mask_picture_cli(tmp_path):
+    from PIL import Image
+
+    from dtr.__main__ import main
+
+    out = tmp_path / "m.png"
+    main(["masks", "--channels", "64", "--sharing-ratio", "0.5", "--out", str(out)])
+    img = Image.open(out)
+    assert img.format == "PNG" and img.size[0] > 100
+    # the drawn area is about half dark: the picture shows the masks, not an empty axis
+    gray = np.asarray(img.convert("L"), dtype=float)
+    assert 0.25 < (gray < 128).mean() < 0.75
