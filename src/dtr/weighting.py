@@ -125,7 +125,7 @@ def _validate_intervals(intervals):
 # --------------------------------------------------------------------------- weightings
 
 
-def snr_from_alphas_cumprod(alphas_cumprod):
+def snr_from_alphas_cumprod(alphas_cumprod: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
     """Signal-to-noise ratio ``a / (1 - a)`` of each timestep; numpy in, float64 numpy out; torch
     in, torch out in the same dtype (keep schedules in float64: float32 rounds ``a`` near 1)."""
     if isinstance(alphas_cumprod, torch.Tensor):
@@ -140,7 +140,7 @@ def snr_from_alphas_cumprod(alphas_cumprod):
     )
 
 
-def min_snr_weight(snr, gamma=5.0, prediction="epsilon"):
+def min_snr_weight(snr: torch.Tensor, gamma: float = 5.0, prediction: str = "epsilon") -> torch.Tensor:
     """Min-SNR-gamma weights for a loss on the given prediction target (epsilon, v or x0).
 
     The epsilon form is computed as ``min(gamma / SNR, 1)`` so that it stays finite at SNR = 0."""
@@ -153,7 +153,7 @@ def min_snr_weight(snr, gamma=5.0, prediction="epsilon"):
     return clipped / (snr + 1) if prediction == "v" else clipped
 
 
-def p2_weight(snr, gamma=1.0, k=1.0):
+def p2_weight(snr: torch.Tensor, gamma: float = 1.0, k: float = 1.0) -> torch.Tensor:
     """P2 weights ``1 / (k + SNR) ** gamma`` (as in the paper code, independent of the target)."""
     snr = _snr_tensor(snr)
     gamma = _positive("gamma", gamma)
@@ -193,7 +193,7 @@ class LossWeighting:
         object.__setattr__(self, "gamma", gamma)
         object.__setattr__(self, "k", k)
 
-    def weight(self, snr, prediction="epsilon"):
+    def weight(self, snr: torch.Tensor, prediction: str = "epsilon") -> torch.Tensor:
         """Per-sample loss weights for the given SNRs (ones for ``constant`` and ``uw``)."""
         snr = _snr_tensor(snr)
         prediction = _prediction(prediction)
@@ -204,7 +204,7 @@ class LossWeighting:
         return torch.ones_like(snr)
 
     @property
-    def name(self):
+    def name(self) -> str:
         """Canonical ``loss_weight_type`` spelling; ``parse_loss_weight_type(w.name) == w``."""
         if self.kind == "min_snr":
             return f"min_snr_{_format_number(self.gamma)}"
@@ -213,7 +213,7 @@ class LossWeighting:
         return self.kind
 
 
-def parse_loss_weight_type(name):
+def parse_loss_weight_type(name: str) -> LossWeighting:
     """Parse the paper code's ``general.loss_weight_type`` string into a :class:`LossWeighting`."""
     if not isinstance(name, str):
         raise TypeError(f"loss_weight_type must be a str, got {type(name).__name__}")
@@ -235,18 +235,21 @@ class UncertaintyWeighting(torch.nn.Module):
     """ANT-UW: ``sum_i 0.5 * (exp(-s_i) * L_i + s_i)`` over the intervals present in a batch,
     with ``L_i`` interval i's mean loss divided by k and ``s_i`` a learned log-variance."""
 
-    def __init__(self, num_intervals):
+    def __init__(self, num_intervals: int):
         super().__init__()
         self.num_intervals = _integer("num_intervals", num_intervals, 1)
         self.log_vars = torch.nn.Parameter(torch.zeros(self.num_intervals))
 
-    def forward(self, per_sample_loss, interval_index):
+    def forward(self, per_sample_loss: torch.Tensor, interval_index: torch.Tensor) -> torch.Tensor:
         """Combine a (B,) per-sample loss into one scalar, grouping samples by interval index."""
         k = self.num_intervals
         if not isinstance(per_sample_loss, torch.Tensor) or not per_sample_loss.is_floating_point():
             raise TypeError("per_sample_loss must be a floating-point torch.Tensor of shape (B,)")
-        if not isinstance(interval_index, torch.Tensor) or interval_index.is_floating_point() \
-                or interval_index.dtype in (torch.bool, torch.complex64, torch.complex128):
+        integer = isinstance(interval_index, torch.Tensor) and not (
+            interval_index.is_floating_point() or interval_index.is_complex()
+            or interval_index.dtype == torch.bool
+        )
+        if not integer:
             raise TypeError("interval_index must be an integer torch.Tensor of shape (B,)")
         if per_sample_loss.ndim != 1 or per_sample_loss.numel() == 0:
             raise ValueError(
@@ -268,11 +271,11 @@ class UncertaintyWeighting(torch.nn.Module):
         terms = 0.5 * (torch.exp(-s) * interval_loss + s)
         return torch.where(counts > 0, terms, torch.zeros_like(terms)).sum()
 
-    def weights(self):
+    def weights(self) -> torch.Tensor:
         """Current per-interval weights ``exp(-s)``, detached, for logging."""
         return torch.exp(-self.log_vars.detach())
 
-    def param_group(self, lr=0.025):
+    def param_group(self, lr: float = 0.025) -> dict:
         """Optimizer parameter group for the log-variances: own learning rate, no weight decay."""
         return {"params": [self.log_vars], "lr": _positive("lr", lr), "weight_decay": 0.0}
 
@@ -289,7 +292,7 @@ class UncertaintyWeighting(torch.nn.Module):
 # --------------------------------------------------------------------------- intervals
 
 
-def uniform_intervals(num_timesteps, k):
+def uniform_intervals(num_timesteps: int, k: int) -> list[tuple[int, int]]:
     """Split ``[0, T)`` into k contiguous intervals whose sizes differ by at most 1."""
     num_timesteps = _integer("num_timesteps", num_timesteps, 1)
     k = _integer("k", k, 1, num_timesteps)
@@ -356,7 +359,7 @@ def _cluster_by_end(table, k):
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def cluster_intervals(cost, k, num_timesteps=None):
+def cluster_intervals(cost, k: int, num_timesteps: int | None = None) -> list[tuple[int, int]]:
     """Optimal split of ``[0, T)`` into k contiguous intervals minimising the summed cost(l, r)
     of the inclusive intervals [l, r] (exact dynamic program, O(k T^2) vectorised time)."""
     return _cluster_by_end(_cost_by_end(cost, num_timesteps), k)
@@ -387,12 +390,12 @@ def _snr_cost_by_end(snr):
     return np.where(l <= r, table, np.inf)
 
 
-def snr_intervals(snr, k):
+def snr_intervals(snr: np.ndarray | torch.Tensor, k: int) -> list[tuple[int, int]]:
     """ANT's SNR-based interval clustering of the timesteps with the given per-timestep SNRs."""
     return _cluster_by_end(_snr_cost_by_end(snr), k)
 
 
-def interval_index(t, intervals):
+def interval_index(t: torch.Tensor, intervals) -> torch.Tensor:
     """Index of the interval holding each timestep (vectorised); t must be integers in [0, T)."""
     intervals = _validate_intervals(intervals)
     t = torch.as_tensor(t)
@@ -412,20 +415,20 @@ class StratifiedTimestepSampler:
     1 and the batch keeps its size. The output is laid out interval by interval (not shuffled), like
     the paper code's ``sample_t_batch``; :class:`UncertaintyWeighting` does not depend on the order."""
 
-    def __init__(self, intervals):
+    def __init__(self, intervals: list[tuple[int, int]]):
         self.intervals = _validate_intervals(intervals)
 
     @property
-    def num_intervals(self):
+    def num_intervals(self) -> int:
         """Number of intervals k."""
         return len(self.intervals)
 
     @property
-    def num_timesteps(self):
+    def num_timesteps(self) -> int:
         """Number of timesteps T covered by the intervals."""
         return self.intervals[-1][1]
 
-    def sample(self, batch_size, device=None, generator=None):
+    def sample(self, batch_size: int, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw a (B,) LongTensor of timesteps; reproducible when given a seeded generator."""
         batch_size = _integer("batch_size", batch_size, 1)
         if generator is not None and not isinstance(generator, torch.Generator):
