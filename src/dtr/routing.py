@@ -263,6 +263,7 @@ class Routing:
         self._starts: dict[tuple, torch.Tensor] = {}  # window starts per (width, device): T int32 each
         self._saved = WeakTensorKeyDictionary()  # block input -> tasks, for checkpoint recomputation
         self._stash: dict[int, list] = {}  # residual placement: (input, masked input) between pre- and post-hook
+        self._replay: list = []  # tasks of the enclosing modules a checkpoint is recomputing (gate placement)
         self._handles: list = []
         self._attach(modules)
 
@@ -280,6 +281,12 @@ class Routing:
                 self._handles.append(r.module.register_forward_hook(post, always_call=True))
             else:
                 self._handles.append(r.module.register_forward_hook(functools.partial(self._gate, r)))
+        # A gated module (a norm) sits inside the unit that gradient checkpointing recomputes (a ResBlock, an
+        # attention block): its own input is then a new tensor, but the enclosing modules' inputs are not.
+        gated = [r.name for r in self.routed if r.placement == "gate"]
+        for name in sorted({n.rsplit(".", k)[0] for n in gated for k in range(1, n.count(".") + 1)}):
+            self._handles.append(modules[name].register_forward_pre_hook(self._anchor_pre, with_kwargs=True))
+            self._handles.append(modules[name].register_forward_hook(self._anchor_post, always_call=True))
 
     def _capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         """Pre-hook where the timestep enters: remember this forward's task indices."""
@@ -306,11 +313,29 @@ class Routing:
         self._tasks = None
         self._masks = {}
 
+    def _anchor_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Module enclosing gated ones: key the tasks by its input, or find them again when recomputed."""
+        if torch.compiler.is_compiling():
+            return
+        x = _find_input(args, kwargs)
+        if self._tasks is not None:
+            if x is not None and torch.is_grad_enabled():
+                self._saved[x] = self._tasks
+            self._replay.append(None)
+        else:
+            self._replay.append(None if x is None else self._saved.get(x))
+
+    def _anchor_post(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self._replay and not torch.compiler.is_compiling():
+            self._replay.pop()
+
     def _tasks_for(self, r: RoutedModule, x: torch.Tensor) -> torch.Tensor:
         """Tasks of the current forward, or of the forward a checkpointed block is recomputing."""
         tasks = self._tasks
         if tasks is None:
             tasks = self._saved.get(x)
+            if tasks is None:
+                tasks = next((t for t in reversed(self._replay) if t is not None), None)
             if tasks is None:
                 raise RuntimeError(
                     f"dtr: routed module {r.name!r} ran without a timestep: call the model itself "
@@ -320,7 +345,7 @@ class Routing:
         elif torch.is_grad_enabled() and not torch.compiler.is_compiling():
             self._saved[x] = tasks
         batch = x.shape[0]
-        if tasks.ndim == 1 and tasks.shape[0] != batch:
+        if tasks.ndim == 1 and tasks.shape[0] not in (1, batch):  # (1,) broadcasts, as diffusers models do
             raise ValueError(
                 f"dtr: timesteps have batch size {tasks.shape[0]} but routed module {r.name!r} "
                 f"received batch size {batch}; pass one timestep per sample (or a scalar)"
@@ -359,16 +384,16 @@ class Routing:
         x, args, kwargs = _first_tensor(r.name, args, kwargs)
         tasks = self._tasks_for(r, x)
         m = self._mask(r, tasks, x.shape[-1], x)
-        mx = x * m.view(m.shape[0], *([1] * (x.ndim - 2)), m.shape[1])
-        self._stash.setdefault(r.index, []).append((x, mx))
-        return _replace_first_tensor(args, kwargs, mx)
+        shape = (m.shape[0], *([1] * (x.ndim - 2)), m.shape[1])
+        self._stash.setdefault(r.index, []).append((x, (1 - m).view(shape)))
+        return _replace_first_tensor(args, kwargs, x * m.view(shape))
 
     def _residual_post(self, r: RoutedModule, module: nn.Module, args: tuple, output: Any):
         """Add the inactive channels back: block(m * x) + (1 - m) * x."""
         stack = self._stash.get(r.index)
         if not stack:  # the pre-hook never ran (it raised)
             return None
-        x, mx = stack.pop()
+        x, inactive = stack.pop()
         if output is None:  # the block raised, or checkpoint recomputation stopped early: nothing to add
             return None
         out = output[0] if isinstance(output, tuple) else output
@@ -379,7 +404,7 @@ class Routing:
                 f"{r.name!r} maps {tuple(x.shape)} to {got}. Route it with placement='gate' "
                 "or choose other blocks"
             )
-        out = out + (x - mx)  # (1 - m) * x, exact for a 0/1 mask
+        out = torch.addcmul(out, x, inactive)  # out + (1 - m) * x in one pass, exact for a 0/1 mask
         return (out, *output[1:]) if isinstance(output, tuple) else out
 
     def _gate(self, r: RoutedModule, module: nn.Module, args: tuple, output: Any):
@@ -393,7 +418,7 @@ class Routing:
         return (out, *output[1:]) if isinstance(output, tuple) else out
 
     # -- copies --------------------------------------------------------------------------
-    _TRANSIENT = ("_tasks", "_masks", "_saved", "_stash")
+    _TRANSIENT = ("_tasks", "_masks", "_saved", "_stash", "_replay")
 
     def __getstate__(self) -> dict:
         """Copies (deepcopy, pickle) carry the configuration and hooks, never an in-flight forward."""
@@ -401,7 +426,7 @@ class Routing:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._tasks, self._masks, self._saved, self._stash = None, {}, WeakTensorKeyDictionary(), {}
+        self._tasks, self._masks, self._saved, self._stash, self._replay = None, {}, WeakTensorKeyDictionary(), {}, []
 
     # -- public --------------------------------------------------------------------------
     def remove(self) -> None:
@@ -411,7 +436,7 @@ class Routing:
         self._handles = []
         if getattr(self.model, "_dtr_routing", None) is self:
             del self.model._dtr_routing
-        self._tasks, self._masks, self._stash = None, {}, {}
+        self._tasks, self._masks, self._stash, self._replay = None, {}, {}, []
 
     def masks(self, channels: int, block: int = 0) -> torch.Tensor:
         """The (T, C) mask table this routing applies at width ``channels`` (for inspection and plots)."""
@@ -442,12 +467,20 @@ class Routing:
         return f"Routing(method={self.method!r}, sharing_ratio={self.sharing_ratio}, alpha={self.alpha}, blocks={len(self.routed)})"
 
 
-def _first_tensor(name: str, args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
+def _find_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """A module's main input: its first positional tensor, or hidden_states= (x=, input=, h=)."""
     if args and isinstance(args[0], torch.Tensor):
-        return args[0], args, kwargs
+        return args[0]
     for key in ("hidden_states", "x", "input", "h"):
         if isinstance(kwargs.get(key), torch.Tensor):
-            return kwargs[key], args, kwargs
+            return kwargs[key]
+    return None
+
+
+def _first_tensor(name: str, args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
+    x = _find_input(args, kwargs)
+    if x is not None:
+        return x, args, kwargs
     raise ValueError(f"dtr: cannot find the input tensor of routed module {name!r} (first positional or hidden_states=)")
 
 
