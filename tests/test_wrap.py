@@ -441,3 +441,16 @@ def test_custom_model_scalar_timestep_broadcasts_and_batch_mismatch():
         assert not torch.equal(model(x, t=700), model(x, t=0))
         with pytest.raises(ValueError, match="timesteps have batch size 2 but routed module 'layers.0' received batch size 3"):
             model(x, torch.tensor([1, 2]))
+
+
+def test_model_to_another_dtype_routes_in_that_dtype():
+    model = tiny_dit()
+    dtr.wrap(model)
+    model.to(torch.float64)
+    x, t, y = inputs()
+    with torch.no_grad():
+        out = model(x.double(), t, y)
+        ref = reference_forward(model, x.double(), t, y, dtr_masks(model))
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    assert dtr.routing_of(torch.compile(model)) is dtr.routing_of(model)
