@@ -8,6 +8,7 @@
 __version__ = "0.1.0"
 
 from .api import routing_of, unwrap, wrap
+from .compat import convert_paper_state_dict
 from .routing import Routing, RoutingSpec, active_channels, task_masks, timesteps_to_tasks, window_starts
 
 __all__ = [
@@ -21,4 +22,5 @@ __all__ = [
     "timesteps_to_tasks",
     "Routing",
     "RoutingSpec",
+    "convert_paper_state_dict",
 ]
