@@ -1,7 +1,8 @@
 """Adapters: for a family of models, which modules to route and where the timestep enters.
 
 Each adapter is a function ``model -> RoutingSpec | None``; ``find_adapter`` asks them in order
-and the first that recognises the model wins.  Adding a family is adding one function here.
+and the first that recognises the model wins (SiT before DiT: same layout, continuous time).
+Adding a family is adding one function here.
 """
 
 from __future__ import annotations
@@ -9,9 +10,12 @@ from __future__ import annotations
 from torch import nn
 
 from ..routing import RoutingSpec
+from .diffusers import diffusers_dit_spec, diffusers_unet_spec
 from .dit import dit_spec
+from .sit import sit_spec
+from .unet import adm_unet_spec
 
-ADAPTERS = [dit_spec]
+ADAPTERS = [sit_spec, dit_spec, diffusers_unet_spec, diffusers_dit_spec, adm_unet_spec]
 
 
 def find_adapter(model: nn.Module) -> RoutingSpec | None:
@@ -23,4 +27,4 @@ def find_adapter(model: nn.Module) -> RoutingSpec | None:
     return None
 
 
-__all__ = ["ADAPTERS", "find_adapter", "dit_spec"]
+__all__ = ["ADAPTERS", "find_adapter", "adm_unet_spec", "diffusers_dit_spec", "diffusers_unet_spec", "dit_spec", "sit_spec"]
