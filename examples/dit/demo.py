@@ -1,0 +1,107 @@
+"""
+The digits demo: the whole recipe (train, sample, evaluate) on a laptop CPU in a few minutes.
+
+    python examples/dit/demo.py                                   # DiT-T/2 + DTR on scikit-learn's digits
+    python examples/dit/demo.py models.routing.sharing_ratio=1.0  # the same without routing (baseline)
+
+It runs train.py, sample.py, sample_ddp.py and evaluate.py with data=digits in one process (any
+key=value of those scripts can be added), draws DTR's task masks, and prints where everything went:
+the checkpoint under results/, the sample grid, the masks and the metrics under samples/.
+"""
+
+import os
+import sys
+import time
+
+import torch
+
+import config
+import evaluate
+import sample
+import sample_ddp
+import train
+
+
+def plot_masks(cfg, path):
+    """The (task x channel) picture of the routing masks of the demo's model (dtr.viz when available)."""
+    _, hidden, _, _ = config.architecture(cfg)
+    r = cfg.models.routing
+    kwargs = dict(channels=hidden, sharing_ratio=r.sharing_ratio, alpha=r.alpha, num_tasks=r.taskcount,
+                  method=config.routing_method(cfg), seed=r.seed)
+    try:
+        from dtr.viz import plot_masks as dtr_plot_masks
+    except ImportError:
+        dtr_plot_masks = None
+    if dtr_plot_masks is not None:
+        dtr_plot_masks(path, **kwargs)
+        return path
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    import dtr
+
+    masks = dtr.task_masks(kwargs["num_tasks"], hidden, r.sharing_ratio, r.alpha, kwargs["method"], r.seed)
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=150)
+    ax.imshow(masks.numpy(), aspect="auto", cmap="Greys", interpolation="nearest")
+    ax.set_xlabel("channel")
+    ax.set_ylabel("task t (0 = least noise)")
+    ax.set_title(f"DTR masks: {hidden} channels, sharing_ratio={r.sharing_ratio}, alpha={r.alpha}")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def fit_threads():
+    """Use only the cores other processes leave idle: oversubscribed OpenMP threads slow small models 10x or more."""
+    try:
+        idle = (os.cpu_count() or 1) - round(os.getloadavg()[0])
+    except (AttributeError, OSError):  # no load average (Windows)
+        return
+    if "OMP_NUM_THREADS" not in os.environ and idle < torch.get_num_threads():
+        torch.set_num_threads(max(1, idle))
+        print(f"== The machine is busy: using {torch.get_num_threads()} thread(s) (set OMP_NUM_THREADS to choose)")
+
+
+def main(argv=()):
+    start = time.time()
+    fit_threads()
+    cfg = config.load(["data=digits", *argv])
+    print(f"== Training {cfg.models.name} on digits for {cfg.general.iterations} steps "
+          f"(sharing_ratio={cfg.models.routing.sharing_ratio}, loss_weight_type={cfg.general.loss_weight_type})")
+    result = train.main(cfg)
+    trained = time.time()
+
+    # Sample and evaluate the checkpoint just written (not the derived version 000):
+    cfg.eval.ckpt = result["checkpoint"]
+    out_dir = os.path.join(cfg.eval.samples_dir, config.model_string(cfg))
+    os.makedirs(out_dir, exist_ok=True)
+    print(f"== Sampling a grid, then {cfg.eval.num_fid_samples} samples ({cfg.eval.num_sampling_steps} steps, cfg {cfg.eval.cfg_scale})")
+    cfg.eval.grid = os.path.join(out_dir, "grid.png")
+    grid = sample.main(cfg, per_class=4)
+    masks = plot_masks(cfg, os.path.join(out_dir, "masks.png")) if config.is_routed(cfg) else None
+    npz = sample_ddp.main(cfg)
+    sampled = time.time()
+    print("== Evaluating")
+    metrics = evaluate.main(cfg)
+    done = time.time()
+
+    print("\n== Digits demo done in {:.0f} s (train {:.0f} s, sample {:.0f} s, evaluate {:.0f} s)".format(
+        done - start, trained - start, sampled - trained, done - sampled))
+    print(f"   checkpoint: {result['checkpoint']}")
+    print(f"   sample grid (4 per class): {grid}")
+    if masks is not None:
+        print(f"   routing masks: {masks}")
+    print(f"   samples: {npz}")
+    print(evaluate.format_metrics(metrics))
+    return metrics
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except config.ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        sys.exit(2)
