@@ -15,6 +15,8 @@ import time
 
 import torch
 
+from dtr.viz import plot_masks as plot_task_masks
+
 import config
 import evaluate
 import sample
@@ -23,46 +25,12 @@ import train
 
 
 def plot_masks(cfg, path):
-    """The (task x channel) picture of the routing masks of the demo's model (dtr.viz when available)."""
+    """The (task x channel) picture of the routing masks of the demo's model."""
     _, hidden, _, _ = config.architecture(cfg)
     r = cfg.models.routing
-    kwargs = dict(channels=hidden, sharing_ratio=r.sharing_ratio, alpha=r.alpha, num_tasks=r.taskcount,
-                  method=config.routing_method(cfg), seed=r.seed)
-    try:
-        from dtr.viz import plot_masks as dtr_plot_masks
-    except ImportError:
-        dtr_plot_masks = None
-    if dtr_plot_masks is not None:
-        dtr_plot_masks(path, **kwargs)
-        return path
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    import dtr
-
-    masks = dtr.task_masks(kwargs["num_tasks"], hidden, r.sharing_ratio, r.alpha, kwargs["method"], r.seed)
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=150)
-    ax.imshow(masks.numpy(), aspect="auto", cmap="Greys", interpolation="nearest")
-    ax.set_xlabel("channel")
-    ax.set_ylabel("task t (0 = least noise)")
-    ax.set_title(f"DTR masks: {hidden} channels, sharing_ratio={r.sharing_ratio}, alpha={r.alpha}")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    plot_task_masks(path, channels=hidden, sharing_ratio=r.sharing_ratio, alpha=r.alpha, num_tasks=r.taskcount,
+                    method=config.routing_method(cfg), seed=r.seed)
     return path
-
-
-def fit_threads():
-    """Use only the cores other processes leave idle: oversubscribed OpenMP threads slow small models 10x or more."""
-    try:
-        idle = (os.cpu_count() or 1) - round(os.getloadavg()[0])
-    except (AttributeError, OSError):  # no load average (Windows)
-        return
-    if "OMP_NUM_THREADS" not in os.environ and idle < torch.get_num_threads():
-        torch.set_num_threads(max(1, idle))
-        print(f"== The machine is busy: using {torch.get_num_threads()} thread(s) (set OMP_NUM_THREADS to choose)")
 
 
 def main(argv=()):
