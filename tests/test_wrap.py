@@ -305,6 +305,7 @@ def _ddp_worker(rank, world, port, path):
     ddp(x[sl], t[sl], y[sl]).square().mean().backward()
     if rank == 0:
         torch.save({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, path)
+    dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
 
 
