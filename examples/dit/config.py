@@ -427,6 +427,16 @@ def from_cli(argv=None):
         sys.exit(2)
 
 
+def run(main, argv=None):
+    """A script's entry point: parse the command line, run main(cfg); a ConfigError exits 2 with its message."""
+    cfg = from_cli(argv)
+    try:
+        return main(cfg)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
 def to_yaml(cfg):
     return OmegaConf.to_yaml(cfg)
 

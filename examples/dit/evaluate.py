@@ -19,7 +19,6 @@ accuracy on the class-conditional samples.
 
 import json
 import os
-import sys
 from glob import glob
 
 import numpy as np
@@ -165,9 +164,4 @@ def format_metrics(m):
 
 
 if __name__ == "__main__":
-    cfg = config.from_cli()
-    try:
-        main(cfg)
-    except config.ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        sys.exit(2)
+    config.run(main)

@@ -12,7 +12,6 @@ shards of SHARD_SIZE samples and an index, latents.json, written last.
 """
 
 import os
-import sys
 
 import torch
 import torch.distributed as dist
@@ -94,9 +93,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    cfg = config.from_cli()
-    try:
-        main(cfg)
-    except config.ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        sys.exit(2)
+    config.run(main)

@@ -9,7 +9,6 @@ Pass the training keys (or eval.ckpt=<path>). The grid goes to eval.grid, by def
 """
 
 import os
-import sys
 
 import numpy as np
 import torch
@@ -67,9 +66,4 @@ def main(cfg, per_class=1, upscale=None):
 
 
 if __name__ == "__main__":
-    cfg = config.from_cli()
-    try:
-        main(cfg)
-    except config.ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        sys.exit(2)
+    config.run(main)

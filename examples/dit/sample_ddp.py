@@ -14,7 +14,6 @@ Multi-node runs need eval.samples_dir on a shared file system (rank 0 assembles 
 """
 
 import os
-import sys
 
 import numpy as np
 import torch
@@ -98,9 +97,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    cfg = config.from_cli()
-    try:
-        main(cfg)
-    except config.ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        sys.exit(2)
+    config.run(main)

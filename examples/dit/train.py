@@ -16,7 +16,6 @@ models.routing.sharing_ratio=1.0 trains the baseline (no routing). Checkpoints h
 
 import copy
 import os
-import sys
 import time
 
 import torch
@@ -314,9 +313,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    cfg = config.from_cli()
-    try:
-        main(cfg)
-    except config.ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        sys.exit(2)
+    config.run(main)
