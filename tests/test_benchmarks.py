@@ -1,0 +1,55 @@
+"""The benchmark scripts' own logic: arm parsing, paired seed differences, refusing mixed settings."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+from conftest import ROOT
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+convergence = load("convergence")
+
+
+def fake_run(out, arm, seed, fid, lr=0.002):
+    cfg = {"models": {"name": "DiT-T/2"}, "optim": {"lr": lr, "ema_decay": 0.995},
+           "general": {"schedule_name": "linear", "global_batch_size": 64, "iterations": 20},
+           "eval": {"num_fid_samples": 10, "num_sampling_steps": 5}}
+    evals = [{"step": 10, "cfg_scale": 1.5, "fid": fid, "class_accuracy": 0.5, "precision": 0.5, "recall": 0.5}]
+    with open(os.path.join(out, convergence.run_name(arm, seed) + ".json"), "w") as f:
+        json.dump({"arm": arm, "seed": seed, "config": cfg, "evals": evals}, f)
+
+
+def test_arm_overrides():
+    assert convergence.arm_overrides("uw:0.8") == [
+        "general.loss_weight_type=uw", "models.routing.sharing_ratio=0.8", "models.routing.init_method=DTR"]
+    assert convergence.arm_overrides("constant:0.8:random")[-1] == "models.routing.init_method=random"
+    with pytest.raises(SystemExit, match="not <loss_weight_type>:<sharing_ratio>"):
+        convergence.arm_overrides("uw")
+
+
+def test_report_pairs_arms_by_seed(tmp_path):
+    # DTR better by 2 in seed 0 and worse by 1 in seed 1: mean -0.5, one seed of two better
+    for seed, (base, routed) in enumerate([(10.0, 8.0), (20.0, 21.0)]):
+        fake_run(tmp_path, "constant:1.0", seed, base)
+        fake_run(tmp_path, "constant:0.8", seed, routed)
+    fake_run(tmp_path, "constant:0.8", 7, 1.0)  # unpaired: left out of the differences
+    paired = convergence.report(str(tmp_path))
+    mean, sd, better, n = paired["constant:0.8", "constant:1.0", 10, 1.5, "fid"]
+    assert (mean, better, n) == (-0.5, 1, 2) and sd == pytest.approx(2.1213, abs=1e-4)
+    assert (tmp_path / "summary.md").exists() and (tmp_path / "convergence.png").exists()
+
+
+def test_report_refuses_mixed_settings(tmp_path):
+    fake_run(tmp_path, "constant:1.0", 0, 10.0, lr=0.001)
+    fake_run(tmp_path, "constant:0.8", 0, 10.0, lr=0.002)
+    with pytest.raises(SystemExit, match="mixes runs made with different settings"):
+        convergence.report(str(tmp_path))
