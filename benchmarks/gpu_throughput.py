@@ -116,7 +116,7 @@ def main():
         del base, routed, models
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    print(f"\n| model | train img/s baseline | train img/s DTR | DTR/baseline | sample img/s baseline | sample img/s DTR | DTR/baseline |")
+    print("\n| model | train img/s baseline | train img/s DTR | DTR/baseline | sample img/s baseline | sample img/s DTR | DTR/baseline |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         tr = r["train"]

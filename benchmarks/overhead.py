@@ -18,7 +18,6 @@ import sys
 import time
 
 import torch
-from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples", "dit"))
 import dtr  # noqa: E402

@@ -1,6 +1,5 @@
 """dtr.task_masks: the DTR window masks against the paper code's float64 formula, and R-TR masks."""
 
-import math
 
 import numpy as np
 import pytest
