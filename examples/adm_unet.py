@@ -38,10 +38,7 @@ def zero_init(module: nn.Module) -> nn.Module:
 
 
 class TimestepBlock(nn.Module):
-    """A block that also takes the timestep (and class) embedding."""
-
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    """Marker for blocks whose forward is ``forward(x, emb)``: they also take the timestep (and class) embedding."""
 
 
 class TimestepSequential(nn.Sequential, TimestepBlock):

@@ -19,8 +19,7 @@ from torch import nn
 
 import dtr
 
-diffusers = pytest.importorskip("diffusers")
-from diffusers import DDPMPipeline, DDPMScheduler, DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel  # noqa: E402
+from diffusers import DDPMPipeline, DDPMScheduler, DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 import adm_unet  # noqa: E402

@@ -88,7 +88,7 @@ def test_cosine_schedule_matches_formula():
     np.testing.assert_allclose(betas, cosine_betas(), rtol=1e-12, atol=1e-15)
     assert betas[-1] == 0.999 and betas.max() == 0.999  # the improved-DDPM clip
     np.testing.assert_array_equal(get_named_beta_schedule("squaredcos_cap_v2", T), betas)
-    with pytest.raises(NotImplementedError, match="unknown beta schedule"):
+    with pytest.raises(ValueError, match="unknown beta schedule"):
         get_named_beta_schedule("quadratic", T)
 
 

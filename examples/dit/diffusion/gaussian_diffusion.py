@@ -130,7 +130,7 @@ def get_named_beta_schedule(schedule_name, num_diffusion_timesteps):
             num_diffusion_timesteps,
             lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2,
         )
-    raise NotImplementedError(f"unknown beta schedule: {schedule_name!r} (expected 'linear' or 'cosine')")
+    raise ValueError(f"unknown beta schedule: {schedule_name!r} (expected 'linear' or 'cosine')")
 
 
 #################################################################################
