@@ -6,6 +6,7 @@ Sampling loops take an optional torch.Generator so that runs can be reproduced e
 """
 
 import enum
+import functools
 import math
 
 import numpy as np
@@ -375,24 +376,9 @@ class GaussianDiffusion:
         generator=None,
     ):
         """Like p_sample_loop, but yield each step's p_sample() dict."""
-        device = _infer_device(model, noise, device)
-        assert isinstance(shape, (tuple, list))
-        img = noise if noise is not None else torch.randn(*shape, generator=generator, device=device)
-        for i in _progress(list(range(self.num_timesteps))[::-1], progress):
-            t = torch.full((shape[0],), i, device=device, dtype=torch.long)
-            with torch.no_grad():
-                out = self.p_sample(
-                    model,
-                    img,
-                    t,
-                    clip_denoised=clip_denoised,
-                    denoised_fn=denoised_fn,
-                    cond_fn=cond_fn,
-                    model_kwargs=model_kwargs,
-                    generator=generator,
-                )
-            yield out
-            img = out["sample"]
+        step = functools.partial(self.p_sample, model, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+                                 cond_fn=cond_fn, model_kwargs=model_kwargs, generator=generator)
+        yield from self._progressive(step, model, shape, noise, device, progress, generator)
 
     # ---------------------------------------------------------------- DDIM sampling
 
@@ -472,23 +458,19 @@ class GaussianDiffusion:
         generator=None,
     ):
         """Like ddim_sample_loop, but yield each step's ddim_sample() dict."""
+        step = functools.partial(self.ddim_sample, model, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+                                 cond_fn=cond_fn, model_kwargs=model_kwargs, eta=eta, generator=generator)
+        yield from self._progressive(step, model, shape, noise, device, progress, generator)
+
+    def _progressive(self, step, model, shape, noise, device, progress, generator):
+        """The reverse chain shared by DDPM and DDIM: step(x, t) from t = T-1 down to 0, yielding each output."""
         device = _infer_device(model, noise, device)
         assert isinstance(shape, (tuple, list))
         img = noise if noise is not None else torch.randn(*shape, generator=generator, device=device)
         for i in _progress(list(range(self.num_timesteps))[::-1], progress):
             t = torch.full((shape[0],), i, device=device, dtype=torch.long)
             with torch.no_grad():
-                out = self.ddim_sample(
-                    model,
-                    img,
-                    t,
-                    clip_denoised=clip_denoised,
-                    denoised_fn=denoised_fn,
-                    cond_fn=cond_fn,
-                    model_kwargs=model_kwargs,
-                    eta=eta,
-                    generator=generator,
-                )
+                out = step(img, t)
             yield out
             img = out["sample"]
 
