@@ -28,10 +28,12 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def train_step_fn(model, opt, x, t, y, dtype, device):
+def train_step_fn(model, opt, x, t, y, dtype, device, compile):
+    fwd = torch.compile(model) if compile else model
+
     def step():
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = model(x, t, y).float().square().mean()
+            loss = fwd(x, t, y).float().square().mean()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -39,13 +41,15 @@ def train_step_fn(model, opt, x, t, y, dtype, device):
     return step
 
 
-def sample_step_fn(model, x, t, y, dtype, device):
-    y_cfg = torch.cat([y, torch.full_like(y, 1000)])
+def sample_step_fn(model, x, t, y, dtype, device, compile):
+    # compile the bound method itself: forward_with_cfg on a compiled module would run eagerly
+    fwd = torch.compile(model.forward_with_cfg) if compile else model.forward_with_cfg
+    y_cfg = torch.cat([y, torch.full_like(y, model.num_classes)])
     x_cfg, t_cfg = torch.cat([x, x]), torch.cat([t, t])
 
     def step():
         with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            model.forward_with_cfg(x_cfg, t_cfg, y_cfg, 1.5)
+            fwd(x_cfg, t_cfg, y_cfg, 1.5)
 
     return step
 
@@ -94,12 +98,11 @@ def main():
         t = torch.randint(0, 1000, (args.batch,), device=device, generator=g)
         y = torch.randint(0, 1000, (args.batch,), device=device, generator=g)
         models = {"baseline": base, "DTR": routed}
-        if not args.no_compile:
-            models = {n: torch.compile(m) for n, m in models.items()}
+        compile = not args.no_compile
         for m in models.values():
             m.train()
         opts = {n: torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0) for n, m in models.items()}
-        train = timed({n: train_step_fn(m, opts[n], x, t, y, dtype, device) for n, m in models.items()},
+        train = timed({n: train_step_fn(m, opts[n], x, t, y, dtype, device, compile) for n, m in models.items()},
                       args.steps, args.warmup, device)
         row = dict(model=model_name, train={n: args.batch / s for n, s in train.items()})
         del opts
@@ -107,7 +110,8 @@ def main():
             for m in models.values():
                 m.eval()
             half = args.batch // 2
-            sample = timed({n: sample_step_fn(m, x[:half], t[:half], y[:half], dtype, device) for n, m in models.items()},
+            sample = timed({n: sample_step_fn(m, x[:half], t[:half], y[:half], dtype, device, compile)
+                            for n, m in models.items()},
                            args.steps, args.warmup, device)
             row["sample"] = {n: half / (250 * s) for n, s in sample.items()}
         rows.append(row)

@@ -62,22 +62,26 @@ def naive_route(model, sharing_ratio=0.8, alpha=4.0):
 #################################################################################
 
 
-def make_step(model, mode, x, t, y):
+def make_step(model, mode, x, t, y, compile=False):
+    """One training step (forward + backward) or one sampling call, compiled or eager, as a closure."""
     if mode == "train":
         model.train()
+        fwd = torch.compile(model) if compile else model
 
         def step():
             model.zero_grad(set_to_none=True)
-            model(x, t, y).square().mean().backward()
+            fwd(x, t, y).square().mean().backward()
 
     else:  # one sampling call with classifier-free guidance, as sample.py makes it
         model.eval()
+        # compile the bound method itself: forward_with_cfg on a compiled module would run eagerly
+        fwd = torch.compile(model.forward_with_cfg) if compile else model.forward_with_cfg
         y_cfg = torch.cat([y, torch.full_like(y, model.num_classes)])
         x_cfg, t_cfg = torch.cat([x, x]), torch.cat([t, t])
 
         def step():
             with torch.no_grad():
-                model.forward_with_cfg(x_cfg, t_cfg, y_cfg, 1.5)
+                fwd(x_cfg, t_cfg, y_cfg, 1.5)
 
     return step
 
@@ -117,10 +121,24 @@ def state_bytes(model):
     return params, buffers, sd
 
 
+class _ByteCounter(io.RawIOBase):
+    """A write-only file that only counts: torch.save's size without holding a copy of an XL checkpoint."""
+
+    def __init__(self):
+        self.n = 0
+
+    def writable(self):
+        return True
+
+    def write(self, b):
+        self.n += len(b)
+        return len(b)
+
+
 def checkpoint_file_bytes(model):
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    return buf.getbuffer().nbytes
+    counter = _ByteCounter()
+    torch.save(model.state_dict(), counter)
+    return counter.n
 
 
 def memory_table(names, with_file):
@@ -134,14 +152,17 @@ def memory_table(names, with_file):
         for w in {base.pos_embed.shape[-1]}:
             routing._starts_for(w, torch.device("cpu"))
         b, r, n = state_bytes(base), state_bytes(routed), state_bytes(naive)
-        row = dict(model=name, params=sum(q.numel() for q in base.parameters()), routed_added_state_dict=r[2] - b[2], routed_added_buffers=r[1] - b[1],
-                   routed_router_bytes=routing.state_bytes(), naive_added_buffers=n[1] - b[1],
-                   naive_added_state_dict=n[2] - b[2])
-        if with_file:
-            small = DiT_models[name](input_size=32, num_classes=1000)
-            plain_f = checkpoint_file_bytes(small)
-            dtr.wrap(small)
-            row["routed_added_checkpoint_file"] = checkpoint_file_bytes(small) - plain_f
+        row = dict(model=name, params=sum(q.numel() for q in base.parameters()),
+                   routed_added_params=r[0] - b[0], routed_added_state_dict=r[2] - b[2],
+                   routed_added_buffers=r[1] - b[1], routed_router_bytes=routing.state_bytes(),
+                   naive_added_buffers=n[1] - b[1], naive_added_state_dict=n[2] - b[2])
+        if with_file:  # real tensors: torch.save of the state_dict, as train.py's checkpoints hold it
+            plain = DiT_models[name](input_size=32, num_classes=1000)
+            plain_f = checkpoint_file_bytes(plain)
+            row["naive_added_checkpoint_file"] = checkpoint_file_bytes(naive_route(copy.deepcopy(plain))) - plain_f
+            dtr.wrap(plain)
+            row["routed_added_checkpoint_file"] = checkpoint_file_bytes(plain) - plain_f
+            del plain
         rows.append(row)
     return rows
 
@@ -151,13 +172,34 @@ def memory_table(names, with_file):
 #################################################################################
 
 
+def time_variants(args):
+    """Interleaved timing of the unwrapped model, dtr.wrap and the paper-style router; prints the ratios."""
+    base = DiT_models[args.model](input_size=args.input_size, num_classes=1000)
+    variants = {"unwrapped": base, "dtr.wrap": copy.deepcopy(base), "paper-style": naive_route(copy.deepcopy(base))}
+    dtr.wrap(variants["dtr.wrap"])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, 4, args.input_size, args.input_size, generator=g)
+    t = torch.randint(0, T, (args.batch,), generator=g)
+    y = torch.randint(0, 1000, (args.batch,), generator=g)
+    steps = {n: make_step(m, args.mode, x, t, y, args.compile) for n, m in variants.items()}
+    result = dict(mode=args.mode, batch=args.batch, compile=args.compile, threads=args.threads, rounds=args.rounds,
+                  ratios=ratios(time_interleaved(steps, args.rounds, args.warmup)))
+    print(f"{args.model}, {args.mode}, batch {args.batch}, {'compiled' if args.compile else 'eager'}, "
+          f"{args.threads} threads, {args.rounds} interleaved rounds")
+    print("| variant | median s/step | ratio to unwrapped: median | min | max |")
+    print("|---|---|---|---|---|")
+    for n, r in result["ratios"].items():
+        print(f"| {n} | {r['median_s']:.4f} | {r['median']:.4f} | {r['min']:.4f} | {r['max']:.4f} |")
+    return result
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="DiT-S/2", choices=list(DiT_models))
     p.add_argument("--mode", default="train", choices=["train", "sample"])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--input-size", type=int, default=32, help="latent size (32 = 256x256 images)")
-    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--rounds", type=int, default=15, help="0: skip the timing (bytes table only)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="torch.compile every variant (wrap first)")
@@ -165,41 +207,31 @@ def main():
     p.add_argument("--checkpoint-file", action="store_true", help="also measure saved checkpoint sizes (slow)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
+    if args.rounds < 0 or args.threads < 1 or args.batch < 1:
+        p.error("--rounds must be >= 0, --threads and --batch >= 1")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    base = DiT_models[args.model](input_size=args.input_size, num_classes=1000)
-    variants = {"unwrapped": base, "dtr.wrap": copy.deepcopy(base), "paper-style": naive_route(copy.deepcopy(base))}
-    dtr.wrap(variants["dtr.wrap"])
-    if args.compile:
-        variants = {n: torch.compile(m) for n, m in variants.items()}
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch, 4, args.input_size, args.input_size, generator=g)
-    t = torch.randint(0, T, (args.batch,), generator=g)
-    y = torch.randint(0, 1000, (args.batch,), generator=g)
-    steps = {n: make_step(m, args.mode, x, t, y) for n, m in variants.items()}
-    times = time_interleaved(steps, args.rounds, args.warmup)
-    result = dict(model=args.model, mode=args.mode, batch=args.batch, compile=args.compile, threads=args.threads,
-                  rounds=args.rounds, torch=torch.__version__, ratios=ratios(times))
-    print(f"{args.model}, {args.mode}, batch {args.batch}, {'compiled' if args.compile else 'eager'}, "
-          f"{args.threads} threads, {args.rounds} interleaved rounds")
-    print("| variant | median s/step | ratio to unwrapped: median | min | max |")
-    print("|---|---|---|---|---|")
-    for n, r in result["ratios"].items():
-        print(f"| {n} | {r['median_s']:.4f} | {r['median']:.4f} | {r['min']:.4f} | {r['max']:.4f} |")
+    result = dict(model=args.model, torch=torch.__version__)
+    if args.rounds > 0:
+        result.update(time_variants(args))
 
     if args.memory != "none":
         names = list(DiT_models) if args.memory == "all" else [args.model]
         result["memory"] = memory_table(names, args.checkpoint_file)
-        print("\n| model | params | dtr.wrap: state_dict bytes added | buffers added | router state | "
-              "paper-style: buffers added |" + (" checkpoint file bytes added |" if args.checkpoint_file else ""))
-        print("|---|---|---|---|---|---|" + ("---|" if args.checkpoint_file else ""))
+        print("\n| model | params | dtr.wrap: params added | state_dict bytes added | buffers added | router state |"
+              + (" checkpoint file bytes added |" if args.checkpoint_file else "")
+              + " paper-style: buffers added |" + (" checkpoint file added |" if args.checkpoint_file else ""))
+        print("|---|---|---|---|---|---|---|" + ("---|---|" if args.checkpoint_file else ""))
         for row in result["memory"]:
-            line = (f"| {row['model']} | {row['params'] / 1e6:.1f}M | {row['routed_added_state_dict']} | "
-                    f"{row['routed_added_buffers']} | {row['routed_router_bytes'] / 1024:.1f} KiB | "
-                    f"{row['naive_added_buffers'] / 2**20:.1f} MiB |")
+            line = (f"| {row['model']} | {row['params'] / 1e6:.1f}M | {row['routed_added_params']} | "
+                    f"{row['routed_added_state_dict']} | {row['routed_added_buffers']} | "
+                    f"{row['routed_router_bytes'] / 1024:.1f} KiB |")
             if args.checkpoint_file:
                 line += f" {row['routed_added_checkpoint_file']} |"
+            line += f" {row['naive_added_buffers'] / 2**20:.1f} MiB |"
+            if args.checkpoint_file:
+                line += f" {row['naive_added_checkpoint_file'] / 2**20:.1f} MiB |"
             print(line)
     if args.json:
         with open(args.json, "w") as f:

@@ -53,3 +53,45 @@ def test_report_refuses_mixed_settings(tmp_path):
     fake_run(tmp_path, "constant:0.8", 0, 10.0, lr=0.002)
     with pytest.raises(SystemExit, match="mixes runs made with different settings"):
         convergence.report(str(tmp_path))
+
+
+overhead = load("overhead")
+
+
+def test_paper_style_router_computes_what_dtr_wrap_computes():
+    # the timing comparison is only fair if both routers do the same work: same output, channel for channel
+    import copy
+
+    import torch
+    from test_wrap import tiny_dit
+
+    import dtr
+
+    base = tiny_dit()
+    routed, naive = dtr.wrap(copy.deepcopy(base)).model, overhead.naive_route(copy.deepcopy(base))
+    x, t, y = torch.randn(5, 4, 8, 8), torch.tensor([0, 1, 499, 998, 999]), torch.arange(5)
+    torch.testing.assert_close(naive(x, t, y), routed(x, t, y), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(base(x, t, y), routed(x, t, y), rtol=1e-3, atol=1e-4)
+
+
+def test_memory_table_closed_forms():
+    (row,) = overhead.memory_table(["DiT-S/8"], with_file=True)
+    # dtr.wrap adds nothing that is saved; the paper-style router a float32 (T, C) table per block
+    assert row["routed_added_params"] == row["routed_added_state_dict"] == row["routed_added_buffers"] == 0
+    assert row["routed_added_checkpoint_file"] == 0
+    assert row["routed_router_bytes"] == 1000 * 4  # T int32 window starts for the one width
+    assert row["naive_added_buffers"] == row["naive_added_state_dict"] == 12 * 1000 * 384 * 4
+    assert row["naive_added_checkpoint_file"] >= 12 * 1000 * 384 * 4
+
+
+def test_gpu_throughput_script_runs_on_cpu():
+    # the GPU script cannot run here; its CPU smoke mode keeps it from rotting between lent devices
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_throughput.py"), "--device", "cpu",
+                          "--models", "DiT-S/8", "--batch", "2", "--steps", "1", "--warmup", "1", "--no-compile"],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    row = next(line for line in out.splitlines() if line.startswith("| DiT-S/8 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert len(cells) == 7 and all(float(c) > 0 for c in cells[1:])
