@@ -166,33 +166,46 @@ def report(out):
     text = "\n".join(lines)
     with open(os.path.join(out, "summary.md"), "w") as f:
         f.write(text + "\n")
-    plot(runs, arms, steps, scales, os.path.join(out, "convergence.png"))
+    plot(runs, arms, paired, steps, scales, os.path.join(out, "convergence.png"))
     print(text)
     return paired
 
 
-def plot(runs, arms, steps, scales, path):
+def plot(runs, arms, paired, steps, scales, path):
+    """Per cfg scale: FID and class accuracy per arm (mean over seeds), and the paired FID differences."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(scales), 2, figsize=(10, 3.2 * len(scales)), squeeze=False, dpi=120)
+    weightings = sorted({a.split(":")[0] for a in arms})
+    color = {w: f"C{i}" for i, w in enumerate(weightings)}
+
+    def style(arm):  # colour: loss weighting; line: no routing / DTR / random routing
+        return dict(color=color[arm.split(":")[0]],
+                    linestyle="-" if arm == baseline_of(arm) else (":" if arm.endswith(":random") else "--"))
+
+    fig, axes = plt.subplots(len(scales), 3, figsize=(14, 3.2 * len(scales)), squeeze=False, dpi=110)
     for row, scale in enumerate(scales):
-        for col, name in enumerate(("fid", "class_accuracy")):
-            ax = axes[row][col]
-            for arm in arms:
-                seeds = sorted(s for a, s in runs if a == arm)
-                ys = [mean_sd([metric(runs[arm, s], st, scale, name) for s in seeds]) for st in steps]
-                style = "-" if arm.endswith(":1.0") else "--"
-                ax.errorbar(steps, [m for m, _ in ys], yerr=[0 if sd != sd else sd for _, sd in ys], label=arm,
-                            linestyle=style, capsize=3, marker="o", markersize=3)
-            ax.set_title(f"{name}, cfg {scale}")
-            if name == "fid":
-                ax.set_yscale("log")
+        ax_fid, ax_diff, ax_acc = axes[row]
+        for arm in arms:
+            seeds = sorted(s for a, s in runs if a == arm)
+            for ax, name in ((ax_fid, "fid"), (ax_acc, "class_accuracy")):
+                ys = [statistics.mean(metric(runs[arm, s], st, scale, name) for s in seeds) for st in steps]
+                ax.plot(steps, ys, marker="o", markersize=3, label=f"{arm} ({len(seeds)} seeds)", **style(arm))
+            if arm != baseline_of(arm) and (arm, baseline_of(arm), steps[0], scale, "fid") in paired:
+                d = [paired[arm, baseline_of(arm), st, scale, "fid"] for st in steps]
+                ax_diff.errorbar(steps, [m for m, *_ in d], yerr=[0 if sd != sd else sd for _, sd, *_ in d],
+                                 capsize=3, marker="o", markersize=3, label=f"{arm} − {baseline_of(arm)}", **style(arm))
+        ax_fid.set(title=f"FID, cfg {scale} (mean over seeds)")
+        ax_diff.axhline(0, color="k", linewidth=0.8)
+        ax_diff.set(title=f"ΔFID vs no routing, paired, cfg {scale} (± sd; < 0 better)")
+        ax_acc.set(title=f"class accuracy, cfg {scale}")
+        for ax in axes[row]:
             ax.set_xlabel("training steps")
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
+    axes[0][1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
