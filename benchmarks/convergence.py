@@ -119,6 +119,17 @@ def mean_sd(xs):
     return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else float("nan"))
 
 
+def paired_t_excludes_zero(diffs, level=0.95):
+    """Whether the paired t-interval of the mean difference excludes 0 (the seed spread allows a conclusion)."""
+    from scipy.stats import t as student_t
+
+    n = len(diffs)
+    if n < 2:
+        return False
+    m, sd = mean_sd(diffs)
+    return abs(m) > student_t.ppf(0.5 + level / 2, n - 1) * sd / n**0.5
+
+
 def report(out):
     """Markdown tables (per arm, and paired differences against the same weighting's baseline) and a plot."""
     runs = load_runs(out)
@@ -142,7 +153,8 @@ def report(out):
                     cells.append(f"{m:.3f} ± {sd:.3f}")
                 lines.append(f"| {arm} | {len(seeds)} | {step} | {scale} | " + " | ".join(cells) + " |")
     lines.append("\nPaired differences (arm − baseline of the same weighting, same seeds): mean ± sd, "
-                 "and in how many seeds the arm is better.\n")
+                 "and in how many seeds the arm is better; * where the paired 95 % t-interval of the mean "
+                 "difference excludes 0.\n")
     lines.append("| arm vs baseline | seeds | step | cfg | " + " | ".join(f"Δ{n}" for n in METRICS) + " |")
     lines.append("|---|---|---|---|" + "---|" * len(METRICS))
     paired = {}
@@ -160,8 +172,9 @@ def report(out):
                     d = [metric(runs[arm, s], step, scale, name) - metric(runs[base, s], step, scale, name) for s in seeds]
                     better = sum((x < 0) if name in LOWER_IS_BETTER else (x > 0) for x in d)
                     m, sd = mean_sd(d)
-                    paired[arm, base, step, scale, name] = (m, sd, better, len(seeds))
-                    cells.append(f"{m:+.3f} ± {sd:.3f} ({better}/{len(seeds)})")
+                    sig = paired_t_excludes_zero(d)
+                    paired[arm, base, step, scale, name] = (m, sd, better, len(seeds), sig)
+                    cells.append(f"{m:+.3f} ± {sd:.3f} ({better}/{len(seeds)})" + (" *" if sig else ""))
                 lines.append(f"| {arm} vs {base} | {len(seeds)} | {step} | {scale} | " + " | ".join(cells) + " |")
     text = "\n".join(lines)
     with open(os.path.join(out, "summary.md"), "w") as f:

@@ -124,10 +124,10 @@ def main():
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         tr = r["train"]
-        line = f"| {r['model']} | {tr['baseline']:.1f} | {tr['DTR']:.1f} | {tr['DTR'] / tr['baseline']:.3f} |"
+        line = f"| {r['model']} | {tr['baseline']:.4g} | {tr['DTR']:.4g} | {tr['DTR'] / tr['baseline']:.3f} |"
         if "sample" in r:
             s = r["sample"]
-            line += f" {s['baseline']:.2f} | {s['DTR']:.2f} | {s['DTR'] / s['baseline']:.3f} |"
+            line += f" {s['baseline']:.4g} | {s['DTR']:.4g} | {s['DTR'] / s['baseline']:.3f} |"
         print(line)
 
 

@@ -43,9 +43,19 @@ def test_report_pairs_arms_by_seed(tmp_path):
         fake_run(tmp_path, "constant:0.8", seed, routed)
     fake_run(tmp_path, "constant:0.8", 7, 1.0)  # unpaired: left out of the differences
     paired = convergence.report(str(tmp_path))
-    mean, sd, better, n = paired["constant:0.8", "constant:1.0", 10, 1.5, "fid"]
-    assert (mean, better, n) == (-0.5, 1, 2) and sd == pytest.approx(2.1213, abs=1e-4)
+    mean, sd, better, n, sig = paired["constant:0.8", "constant:1.0", 10, 1.5, "fid"]
+    assert (mean, better, n, sig) == (-0.5, 1, 2, False) and sd == pytest.approx(2.1213, abs=1e-4)
     assert (tmp_path / "summary.md").exists() and (tmp_path / "convergence.png").exists()
+
+
+def test_paired_t_interval():
+    # n = 3, t(0.975, 2) = 4.303: mean 1, sd 0.1 -> half-width 0.248 (excludes 0); sd 1 -> 2.48 (does not)
+    assert convergence.paired_t_excludes_zero([0.9, 1.0, 1.1])
+    assert not convergence.paired_t_excludes_zero([0.0, 1.0, 2.0])
+    assert not convergence.paired_t_excludes_zero([-5.0])  # one seed: no spread, no conclusion
+    # sd 0.5: a normal interval (half-width 0.57) would exclude 0, Student's t (1.24) does not
+    assert not convergence.paired_t_excludes_zero([0.5, 1.0, 1.5])
+    assert convergence.paired_t_excludes_zero([-1.0, -1.2, -0.8, -1.1])  # n = 4, half-width 0.27
 
 
 def test_report_refuses_mixed_settings(tmp_path):
