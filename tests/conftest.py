@@ -3,7 +3,9 @@
 import os
 import sys
 
+import numpy as np
 import torch
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES_DIT = os.path.join(ROOT, "examples", "dit")
@@ -12,3 +14,22 @@ if EXAMPLES_DIT not in sys.path:
 
 # Two cores: keep intra-op threads fixed so timings and results do not depend on the host.
 torch.set_num_threads(1)
+
+# A diffusers AutoencoderKL config small enough for CPU tests (built from config: no download).
+TINY_VAE = {
+    "_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [8, 8, 8, 8], "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 4,
+    "sample_size": 32, "scaling_factor": 0.18215,
+}
+
+
+def make_image_folder(root, classes=2, per_class=5, seed=0):
+    """An ImageFolder tree root/class<c>/<i>.png of random RGB images of random sizes (30-69 px)."""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        os.makedirs(os.path.join(root, f"class{c}"), exist_ok=True)
+        for i in range(per_class):
+            h, w = rng.integers(30, 70, size=2)
+            Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(os.path.join(root, f"class{c}", f"{i}.png"))
+    return root

@@ -11,23 +11,7 @@ from PIL import Image
 import config
 import data
 from data import ImageFolderDataset, LatentsDataset, ResumableSampler, center_crop_arr
-
-TINY_VAE = {
-    "_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [8, 8, 8, 8], "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 4,
-    "sample_size": 32, "scaling_factor": 0.18215,
-}
-
-
-def make_image_folder(root, classes=2, per_class=5, seed=0):
-    rng = np.random.default_rng(seed)
-    for c in range(classes):
-        os.makedirs(os.path.join(root, f"class{c}"), exist_ok=True)
-        for i in range(per_class):
-            h, w = rng.integers(30, 70, size=2)
-            Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(os.path.join(root, f"class{c}", f"{i}.png"))
-    return root
+from conftest import TINY_VAE, make_image_folder
 
 
 def test_center_crop_is_adms():

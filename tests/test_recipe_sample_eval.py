@@ -172,7 +172,7 @@ def test_demo_end_to_end_at_toy_size(workdir, tmp_path, monkeypatch, capsys):
 
 def test_latent_model_samples_through_the_vae(tmp_path, monkeypatch):
     """ImageNet path: a DiT on VAE latents (tiny AutoencoderKL from its config) samples decoded RGB images."""
-    from test_recipe_train import TINY_VAE, make_image_folder
+    from conftest import TINY_VAE, make_image_folder
 
     monkeypatch.chdir(tmp_path)
     make_image_folder(str(tmp_path / "imgs"), per_class=2)

@@ -9,19 +9,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import config
 import train
+from conftest import TINY_VAE, make_image_folder
 
 EXAMPLES_DIT = os.path.dirname(os.path.abspath(config.__file__))
 TINY = ["models.name=DiT-T/2", "models.depth=2", "models.hidden_size=32", "general.num_workers=0", "general.device=cpu"]
-TINY_VAE = {
-    "_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [8, 8, 8, 8], "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 4,
-    "sample_size": 32, "scaling_factor": 0.18215,
-}
 
 
 def torchrun(script, args, cwd, nproc=2):
@@ -52,16 +46,6 @@ def assert_same_training_state(a, b):
         assert torch.equal(ra["generator"], rb["generator"]) and torch.equal(ra["cpu"], rb["cpu"])
 
 
-def make_image_folder(root, classes=2, per_class=10, seed=0):
-    rng = np.random.default_rng(seed)
-    for c in range(classes):
-        os.makedirs(os.path.join(root, f"c{c}"), exist_ok=True)
-        for i in range(per_class):
-            h, w = rng.integers(30, 60, size=2)
-            Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(os.path.join(root, f"c{c}", f"{i}.png"))
-    return root
-
-
 @pytest.mark.slow
 def test_torchrun_digits(tmp_path):
     """Two gloo processes on digits: the checkpoint holds everything, loads with weights_only=True."""
@@ -87,7 +71,7 @@ def test_torchrun_digits(tmp_path):
 def test_torchrun_image_folder_uw_resumes_exactly(tmp_path):
     """ImageFolder -> tiny AutoencoderKL (from its config) -> DiT with ANT-UW on 2 processes; a run resumed
     from step 3 (crossing an epoch boundary at step 5) ends with the uninterrupted run's exact state."""
-    make_image_folder(str(tmp_path / "imgs"))
+    make_image_folder(str(tmp_path / "imgs"), per_class=10)
     (tmp_path / "vae.json").write_text(json.dumps(TINY_VAE))
     args = ["general.data_path=imgs", "general.vae_config=vae.json", "general.image_size=32", "data.num_classes=2",
             *TINY, "general.global_batch_size=4", "general.iterations=8", "logs.ckpt_every=3", "logs.log_every=2",
@@ -142,7 +126,7 @@ def test_train_on_precomputed_latents(tmp_path, monkeypatch):
 def test_corrupt_image_stops_training(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     make_image_folder(str(tmp_path / "imgs"), per_class=2)
-    with open(tmp_path / "imgs" / "c0" / "truncated.png", "wb") as f:
+    with open(tmp_path / "imgs" / "class0" / "truncated.png", "wb") as f:
         f.write(b"\x89PNG\r\n\x1a\n")
     (tmp_path / "vae.json").write_text(json.dumps(TINY_VAE))
     cfg = config.load(["general.data_path=imgs", "general.vae_config=vae.json", "general.image_size=32",
