@@ -266,15 +266,20 @@ def test_routed_model_equals_hand_built_reference(family):
 
 
 def record_gates(model, names):
-    """Hooks registered before wrapping see each module's own output; hooks registered after see what the
-    model receives.  Returns (raw, seen, install_after)."""
+    """Record, for each module of ``names``, its own (unrouted) output and the output the model receives.
+
+    A copy of each module taken before wrapping computes the unrouted output from the input a
+    pre-hook sees; a forward hook sees the routed output.  Returns (raw, seen, install_after).
+    """
     raw, seen = {}, {}
-    for n in names:
-        model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: raw.__setitem__(n, o.detach().clone()))
+    plain = {n: copy.deepcopy(model.get_submodule(n)) for n in names}
 
     def install_after():
         for n in names:
-            model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: seen.__setitem__(n, o.detach().clone()))
+            module = model.get_submodule(n)
+            module.register_forward_pre_hook(
+                lambda m, a, n=n: raw.__setitem__(n, plain[n](*a).detach().clone()))
+            module.register_forward_hook(lambda m, a, o, n=n: seen.__setitem__(n, o.detach().clone()))
 
     return raw, seen, install_after
 
@@ -309,7 +314,7 @@ def routed_rows(model, name):
     routing = dtr.wrap(model, sharing_ratio=0.5, alpha=1.0)  # a wide moving window
     install_after()
     tasks = {}
-    model.get_submodule(name).register_forward_hook(lambda m, a, o: tasks.__setitem__("t", routing._tasks.clone()))
+    model.get_submodule(name).register_forward_hook(lambda m, a, o: tasks.__setitem__("t", routing.current_tasks().clone()))
 
     def observed():
         r, s = raw[name], seen[name]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import dtr
-from dtr.compat import convert_paper_state_dict
+from dtr.paper import convert_paper_state_dict
 from models import DiT
 
 

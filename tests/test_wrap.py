@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import dtr
-from models import DiT
+from models import DiT, DiTBlock, FinalLayer, TimestepEmbedder
 
 T = 1000
 
@@ -39,11 +39,11 @@ def inputs(batch=6, seed=1, t=None):
 def reference_forward(model, x, t, y, masks_per_block):
     """DiT forward written out with block(m*x) + (1-m)*x, each sample using the mask row of its own t."""
     h = model.x_embedder(x) + model.pos_embed
-    c = model.t_embedder.__class__.forward(model.t_embedder, t) + model.y_embedder(y, False)
+    c = TimestepEmbedder.forward(model.t_embedder, t) + model.y_embedder(y, False)
     for i, block in enumerate(model.blocks):
         m = masks_per_block[i][t].to(h.dtype)[:, None, :]  # (B, 1, C)
-        h = block.__class__.forward(block, m * h, c) + (1 - m) * h
-    h = model.final_layer.__class__.forward(model.final_layer, h, c)
+        h = DiTBlock.forward(block, m * h, c) + (1 - m) * h  # the unrouted class's forward
+    h = FinalLayer.forward(model.final_layer, h, c)
     return model.unpatchify(h)
 
 
@@ -53,7 +53,9 @@ def dtr_masks(model, ratio=0.8, alpha=4.0):
 
 
 def no_hooks(model):
-    return all(not (m._forward_hooks or m._forward_pre_hooks) for m in model.modules())
+    """No trace of routing: no hook, no routed class, no routing attribute."""
+    return all(not (m._forward_hooks or m._forward_pre_hooks) and "_dtr_unit" not in m.__dict__
+               and not hasattr(type(m), "_dtr_base") for m in model.modules())
 
 
 # -- semantics --------------------------------------------------------------------------------
@@ -104,9 +106,10 @@ def test_final_layer_not_routed_and_routing_summary():
     routing = dtr.wrap(model)
     names = [r.name for r in routing.routed]
     assert names == ["blocks.0", "blocks.1", "blocks.2"]
-    assert not model.final_layer._forward_pre_hooks
+    assert type(model.final_layer) is FinalLayer and "_dtr_unit" not in model.final_layer.__dict__
     text = routing.summary()
-    assert "3 residual modules" in text and "width 32: 25 active channels" in text and "t_embedder" in text
+    assert "3 residual modules" in text and "width 32: 25 active channels" in text
+    assert "timestep: argument (1, 't') of '<model>'" in text
 
 
 def test_remove_and_unwrap_restore_exactly():
@@ -325,7 +328,7 @@ def test_ddp_two_processes_match_one_process_gradients():
         got = torch.load(path, weights_only=True)
     assert got.keys() == ref.keys()
     for n in ref:  # mean over 3 samples, averaged over 2 ranks == mean over the 6
-        torch.testing.assert_close(got[n], ref[n], rtol=1e-4, atol=1e-6, msg=n)
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-4, atol=1e-5, msg=n)  # summation order differs
 
 
 # -- bad input ---------------------------------------------------------------------------------
@@ -410,7 +413,7 @@ def test_custom_model_routed_in_one_line_and_shape_check():
         m = dtr.task_masks(1000, 16, 0.5)[t][:, None, :].float()
         h = x + model.emb(t)[:, None]
         for layer in model.layers:
-            h = layer.forward(m * h) + (1 - m) * h
+            h = nn.Sequential.forward(layer, m * h) + (1 - m) * h  # the unrouted forward
         torch.testing.assert_close(out, model.head(h), rtol=0, atol=1e-6)
     routing.remove()
     dtr.wrap(model, blocks=["head"])

@@ -1,21 +1,24 @@
 """Denoising Task Routing (DTR, ICLR 2024) for any PyTorch diffusion model.
 
-    routing = dtr.wrap(model, sharing_ratio=0.8)   # in place, forward hooks only
+    routing = dtr.wrap(model, sharing_ratio=0.8)   # in place; no parameter or state_dict key added
     out = model(x, t, y)                           # each sample routed by its own timestep
     routing.remove()                               # or dtr.unwrap(model)
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
+from .adapters import register_adapter
 from .api import routing_of, unwrap, wrap
-from .compat import convert_paper_state_dict
-from .routing import Routing, RoutingSpec, active_channels, task_masks, timesteps_to_tasks, window_starts
+from .masks import active_channels, task_masks, timesteps_to_tasks, window_starts
+from .paper import convert_paper_state_dict
+from .routing import Routing, RoutingSpec
 
 __all__ = [
     "__version__",
     "wrap",
     "unwrap",
     "routing_of",
+    "register_adapter",
     "task_masks",
     "window_starts",
     "active_channels",

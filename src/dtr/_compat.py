@@ -9,4 +9,9 @@ try:  # torch >= 2.3
 except ImportError:  # torch 2.1-2.2
     from torch._dynamo import is_compiling  # type: ignore[no-redef]
 
-__all__ = ["is_compiling"]
+try:  # torch >= 2.1
+    from torch.compiler import assume_constant_result
+except ImportError:
+    from torch._dynamo import assume_constant_result  # type: ignore[no-redef]
+
+__all__ = ["assume_constant_result", "is_compiling"]

@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Iterable
 
 from torch import nn
 
 from .adapters import find_adapter
-from .routing import (
-    METHODS,
-    PLACEMENTS,
-    TIMESTEP_KINDS,
-    Routing,
-    RoutingSpec,
-    _check_alpha,
-    _check_choice,
-    _check_positive_int,
-    _check_sharing_ratio,
-    _resolve_seed,
-    select_modules,
-)
+from .masks import METHODS, TIMESTEP_KINDS, resolve_seed
+from .routing import PLACEMENTS, Routing, RoutingSpec, select_modules
+from .validation import check_alpha, check_choice, check_int, check_sharing_ratio
 
 _HOW_TO = (
     "pass blocks= (a full-match regex on module names such as r'layers\\.\\d+', a list of names, "
@@ -49,48 +40,37 @@ def wrap(
     With no other argument the adapter for the model's family chooses the modules and the
     timestep location; ``blocks``/``placement``/``timestep_*`` override it or route any model.
     """
-    sharing_ratio = _check_sharing_ratio(sharing_ratio)
-    alpha = _check_alpha(alpha)
-    _check_choice(method, "method", METHODS)
-    num_tasks = _check_positive_int(num_tasks, "num_tasks")
-    seed = _resolve_seed(seed)
+    sharing_ratio = check_sharing_ratio(sharing_ratio)
+    alpha = check_alpha(alpha)
+    check_choice(method, "method", METHODS)
+    num_tasks = check_int(num_tasks, "num_tasks", minimum=1)
+    seed = resolve_seed(seed)
     if placement is not None:
-        _check_choice(placement, "placement", PLACEMENTS)
+        check_choice(placement, "placement", PLACEMENTS)
     if timestep_kind is not None:
-        _check_choice(timestep_kind, "timestep_kind", TIMESTEP_KINDS)
+        check_choice(timestep_kind, "timestep_kind", TIMESTEP_KINDS)
     model = _check_model(model)
 
     spec = find_adapter(model)
     if spec is None:
         if blocks is None:
             raise ValueError(f"dtr.wrap does not know where to route a {type(model).__name__}: {_HOW_TO}")
-        spec = RoutingSpec(blocks=[], placement=placement or "residual")
+        spec = RoutingSpec(blocks=(), placement=placement or "residual")
+    overrides = dict(placement=placement, timestep_module=timestep_module, timestep_arg=timestep_arg,
+                     timestep_kind=timestep_kind)
+    spec = dataclasses.replace(spec, **{k: v for k, v in overrides.items() if v is not None})
     if blocks is not None:
-        spec.blocks = select_modules(model, blocks)
-        spec.adapter = f"{spec.adapter}, custom blocks" if spec.adapter != "custom" else "custom"
-    if placement is not None:
-        spec.placement = placement
-    if timestep_module is not None:
-        spec.timestep_module = timestep_module
-    if timestep_arg is not None:
-        spec.timestep_arg = timestep_arg
-    if timestep_kind is not None:
-        spec.timestep_kind = timestep_kind
+        adapter = "custom" if spec.adapter == "custom" else f"{spec.adapter}, custom blocks"
+        spec = dataclasses.replace(spec, blocks=select_modules(model, blocks), adapter=adapter)
     modules = dict(model.named_modules())
     if spec.timestep_module not in modules:
         raise ValueError(f"timestep_module {spec.timestep_module!r} is not a module of {type(model).__name__}")
-    for name in spec.exit_modules:
-        if name not in modules:
-            raise ValueError(f"exit module {name!r} is not a module of {type(model).__name__}")
-    routing = Routing(model, spec, sharing_ratio, alpha, method, num_tasks, seed)
-    model._dtr_routing = routing
-    return routing
+    return Routing(model, spec, sharing_ratio, alpha, method, num_tasks, seed)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """Remove the routing ``wrap`` added to ``model`` (or to the module it wraps); returns the model."""
-    inner = getattr(model, "module", model) if _is_parallel(model) else model
-    routing = getattr(inner, "_dtr_routing", None)
+    """Remove the routing ``wrap`` added to ``model`` (or to the module it wraps); returns ``model``."""
+    routing = routing_of(model)
     if routing is None:
         raise ValueError(f"{type(model).__name__} is not routed by dtr (nothing to unwrap)")
     routing.remove()
@@ -98,28 +78,37 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def routing_of(model: nn.Module) -> Routing | None:
-    """The Routing handle of a wrapped model (also of its deepcopy), or None."""
-    inner = getattr(model, "module", model) if _is_parallel(model) else model
-    inner = getattr(inner, "_orig_mod", inner)  # torch.compile'd after wrapping
-    return getattr(inner, "_dtr_routing", None)
+    """The Routing handle of a wrapped model (also of its deepcopy, its DDP wrapper or its compiled module), or None."""
+    unit = inner_model(model).__dict__.get("_dtr_unit")
+    return unit.routing if unit is not None and unit.placement == "call" else None
 
 
-def _is_parallel(model: nn.Module) -> bool:
-    return isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel))
+def inner_model(model: nn.Module) -> nn.Module:
+    """The model that ``wrap`` routes, looking through DataParallel/DistributedDataParallel and torch.compile."""
+    while True:
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif _is_compiled(model):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    return type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod")
 
 
 def _check_model(model: nn.Module) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"dtr.wrap expects a torch.nn.Module, got {type(model).__name__}")
-    if hasattr(model, "_orig_mod") and type(model).__name__ == "OptimizedModule":
+    if _is_compiled(model):
         raise TypeError(
             "dtr.wrap got a torch.compile'd module: wrap the original model first, then compile it "
             "(routing = dtr.wrap(model); model = torch.compile(model))"
         )
-    if _is_parallel(model):
-        model = model.module
+    model = inner_model(model)
     for name, sub in model.named_modules():
-        if getattr(sub, "_dtr_routing", None) is not None:
+        if "_dtr_unit" in sub.__dict__:
             where = "this model" if not name else f"its submodule {name!r}"
             raise ValueError(f"{where} is already routed by dtr; call dtr.unwrap(...) before wrapping again")
     return model

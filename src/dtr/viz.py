@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .routing import task_masks
+from .masks import task_masks
 
 
 def plot_masks(

@@ -43,7 +43,7 @@ def diffusers_unet_spec(model: nn.Module) -> RoutingSpec | None:
     if not _is(model, *UNETS):
         return None
     return RoutingSpec(
-        blocks=unet_gate_modules(model),
+        blocks=tuple(unet_gate_modules(model)),
         placement="gate",
         timestep_module="",
         timestep_arg=(1, "timestep"),
@@ -57,7 +57,7 @@ def diffusers_dit_spec(model: nn.Module) -> RoutingSpec | None:
     if not _is(model, "DiTTransformer2DModel"):
         return None
     return RoutingSpec(
-        blocks=[f"transformer_blocks.{i}" for i in range(len(model.transformer_blocks))],
+        blocks=tuple(f"transformer_blocks.{i}" for i in range(len(model.transformer_blocks))),
         placement="residual",
         timestep_module="",
         timestep_arg=(1, "timestep"),

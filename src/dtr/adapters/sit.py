@@ -7,6 +7,8 @@ so t maps to task round((1 - t) * (T - 1)) (``timestep_kind="unit_reversed"``). 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from torch import nn
 
 from ..routing import RoutingSpec
@@ -21,6 +23,5 @@ def sit_spec(model: nn.Module) -> RoutingSpec | None:
     if spec is None:
         return None
     repa = hasattr(model, "path_type")
-    spec.timestep_kind = "unit" if repa else "unit_reversed"
-    spec.adapter = "SiT (REPA: t = 0 is data)" if repa else "SiT (t = 1 is data)"
-    return spec
+    return replace(spec, timestep_kind="unit" if repa else "unit_reversed",
+                   adapter="SiT (REPA: t = 0 is data)" if repa else "SiT (t = 1 is data)")

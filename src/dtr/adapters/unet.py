@@ -38,7 +38,7 @@ def adm_unet_spec(model: nn.Module) -> RoutingSpec | None:
     if not blocks:
         return None
     return RoutingSpec(
-        blocks=blocks,
+        blocks=tuple(blocks),
         placement="gate",
         timestep_module="",
         timestep_arg=(1, "timesteps", "t", "timestep"),

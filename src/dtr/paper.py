@@ -12,7 +12,7 @@ import re
 
 import torch
 
-from .routing import task_masks
+from .masks import task_masks
 
 _MASK_KEY = re.compile(r"(.*\.)?routing\._unit_mapping$")
 
