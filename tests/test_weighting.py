@@ -394,9 +394,9 @@ def test_uniform_intervals_sizes(T, data):
 
 
 def test_uniform_intervals_validation():
-    with pytest.raises(ValueError, match="k must be >= 1 and <= 10"):
+    with pytest.raises(ValueError, match=r"k must be an int in \[1, 10\], got 11"):
         uniform_intervals(10, 11)
-    with pytest.raises(ValueError, match="k must be >= 1"):
+    with pytest.raises(ValueError, match=r"k must be an int in \[1, \d+\], got 0"):
         uniform_intervals(10, 0)
     with pytest.raises(ValueError, match="num_timesteps"):
         uniform_intervals(0, 1)
@@ -452,9 +452,9 @@ def test_cluster_intervals_closed_form_callable():
 
 def test_cluster_intervals_validation():
     m = np.zeros((5, 5))
-    with pytest.raises(ValueError, match="k must be >= 1 and <= 5"):
+    with pytest.raises(ValueError, match=r"k must be an int in \[1, 5\], got 6"):
         cluster_intervals(m, 6)
-    with pytest.raises(ValueError, match="k must be >= 1"):
+    with pytest.raises(ValueError, match=r"k must be an int in \[1, \d+\], got 0"):
         cluster_intervals(m, 0)
     with pytest.raises(ValueError, match="shape"):
         cluster_intervals(np.zeros((4, 5)), 2)
@@ -529,7 +529,7 @@ def test_snr_intervals_validation():
         snr_intervals(np.ones((2, 2)), 1)
     with pytest.raises(ValueError, match="snr must be finite"):
         snr_intervals(np.array([1.0, np.inf]), 1)
-    with pytest.raises(ValueError, match="k must be >= 1 and <= 3"):
+    with pytest.raises(ValueError, match=r"k must be an int in \[1, 3\], got 4"):
         snr_intervals(np.ones(3), 4)
 
 
@@ -653,7 +653,7 @@ def test_sampler_uniform_within_interval():
 
 def test_sampler_validation():
     sampler = StratifiedTimestepSampler(uniform_intervals(10, 2))
-    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 0"):
         sampler.sample(0)
     with pytest.raises(TypeError, match="batch_size"):
         sampler.sample(2.0)

@@ -226,7 +226,7 @@ def test_whole_model_pickles_with_torch_save():
         assert torch.equal(loaded(x, t, y), model(x, t, y))
 
 
-# -- autocast, checkpointing, compile ----------------------------------------------------------
+# -- autocast, checkpointing (torch.compile: test_compile.py) ----------------------------------------------------------
 
 
 def test_autocast_bf16():
@@ -273,23 +273,6 @@ def test_reentrant_checkpointing_fails_clearly():
     out = model(x.requires_grad_(), t, y)
     with pytest.raises(RuntimeError, match="use_reentrant=False"):
         out.sum().backward()
-
-
-def test_compile_wrapped_model_matches_eager_and_compiled_module_is_refused():
-    model = tiny_dit(depth=2)
-    dtr.wrap(model)
-    x, t, y = inputs()
-    compiled = torch.compile(model, backend="inductor", dynamic=False)
-    with torch.no_grad():
-        eager = model(x, t, y)
-        out = compiled(x, t, y)
-        out2 = compiled(x, torch.tensor([5, 6, 7, 8, 9, 10]), y)
-        eager2 = model(x, torch.tensor([5, 6, 7, 8, 9, 10]), y)
-    torch.testing.assert_close(out, eager, rtol=1e-3, atol=5e-4)  # inductor fuses and reorders float ops
-    torch.testing.assert_close(out2, eager2, rtol=1e-3, atol=5e-4)
-    assert not torch.allclose(out, out2, atol=1e-2)  # the compiled graph follows each call's timesteps
-    with pytest.raises(TypeError, match="wrap the original model first, then compile"):
-        dtr.wrap(torch.compile(tiny_dit(depth=1)))
 
 
 # -- DistributedDataParallel -------------------------------------------------------------------

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .validation import check_choice, check_float, check_int
+
 __all__ = [
     "LossWeighting",
     "StratifiedTimestepSampler",
@@ -51,38 +53,7 @@ _MIN_SNR_RE = re.compile(rf"min_snr_{_NUMBER}")
 _P2_RE = re.compile(rf"p2weight_{_NUMBER}_{_NUMBER}")
 
 
-# --------------------------------------------------------------------------- validation helpers
-
-
-def _positive(name, value):
-    """Return ``value`` as a float after checking it is a finite real number > 0."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return value
-
-
-def _integer(name, value, minimum, maximum=None):
-    """Return ``value`` as an int after checking ``minimum <= value <= maximum``."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got bool")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if value < minimum or (maximum is not None and value > maximum):
-        upper = "" if maximum is None else f" and <= {maximum}"
-        raise ValueError(f"{name} must be >= {minimum}{upper}, got {value}")
-    return value
-
-
-def _prediction(prediction):
-    """Check the model's prediction target name."""
-    if prediction not in _PREDICTIONS:
-        raise ValueError(f"prediction must be one of {_PREDICTIONS}, got {prediction!r}")
-    return prediction
+# --------------------------------------------------------------------------- checks of tensors and intervals
 
 
 def _snr_tensor(snr):
@@ -145,8 +116,8 @@ def min_snr_weight(snr: torch.Tensor, gamma: float = 5.0, prediction: str = "eps
 
     The epsilon form is computed as ``min(gamma / SNR, 1)`` so that it stays finite at SNR = 0."""
     snr = _snr_tensor(snr)
-    gamma = _positive("gamma", gamma)
-    prediction = _prediction(prediction)
+    gamma = check_float(gamma, "gamma", low=0.0, low_open=True)
+    prediction = check_choice(prediction, "prediction", _PREDICTIONS)
     if prediction == "epsilon":
         return torch.clamp(gamma / snr, max=1.0)
     clipped = torch.clamp(snr, max=gamma)
@@ -156,8 +127,8 @@ def min_snr_weight(snr: torch.Tensor, gamma: float = 5.0, prediction: str = "eps
 def p2_weight(snr: torch.Tensor, gamma: float = 1.0, k: float = 1.0) -> torch.Tensor:
     """P2 weights ``1 / (k + SNR) ** gamma`` (as in the paper code, independent of the target)."""
     snr = _snr_tensor(snr)
-    gamma = _positive("gamma", gamma)
-    k = _positive("k", k)
+    gamma = check_float(gamma, "gamma", low=0.0, low_open=True)
+    k = check_float(k, "k", low=0.0, low_open=True)
     return torch.pow(k + snr, -gamma)
 
 
@@ -186,17 +157,17 @@ class LossWeighting:
         elif self.kind == "min_snr":
             if k is not None:
                 raise ValueError("kind='min_snr' takes no k")
-            gamma = _positive("gamma", 5.0 if gamma is None else gamma)
+            gamma = check_float(5.0 if gamma is None else gamma, "gamma", low=0.0, low_open=True)
         else:
-            gamma = _positive("gamma", 1.0 if gamma is None else gamma)
-            k = _positive("k", 1.0 if k is None else k)
+            gamma = check_float(1.0 if gamma is None else gamma, "gamma", low=0.0, low_open=True)
+            k = check_float(1.0 if k is None else k, "k", low=0.0, low_open=True)
         object.__setattr__(self, "gamma", gamma)
         object.__setattr__(self, "k", k)
 
     def weight(self, snr: torch.Tensor, prediction: str = "epsilon") -> torch.Tensor:
         """Per-sample loss weights for the given SNRs (ones for ``constant`` and ``uw``)."""
         snr = _snr_tensor(snr)
-        prediction = _prediction(prediction)
+        prediction = check_choice(prediction, "prediction", _PREDICTIONS)
         if self.kind == "min_snr":
             return min_snr_weight(snr, self.gamma, prediction)
         if self.kind == "p2":
@@ -237,7 +208,7 @@ class UncertaintyWeighting(torch.nn.Module):
 
     def __init__(self, num_intervals: int):
         super().__init__()
-        self.num_intervals = _integer("num_intervals", num_intervals, 1)
+        self.num_intervals = check_int(num_intervals, "num_intervals", minimum=1)
         self.log_vars = torch.nn.Parameter(torch.zeros(self.num_intervals))
 
     def forward(self, per_sample_loss: torch.Tensor, interval_index: torch.Tensor) -> torch.Tensor:
@@ -277,7 +248,7 @@ class UncertaintyWeighting(torch.nn.Module):
 
     def param_group(self, lr: float = 0.025) -> dict:
         """Optimizer parameter group for the log-variances: own learning rate, no weight decay."""
-        return {"params": [self.log_vars], "lr": _positive("lr", lr), "weight_decay": 0.0}
+        return {"params": [self.log_vars], "lr": check_float(lr, "lr", low=0.0, low_open=True), "weight_decay": 0.0}
 
     def extra_repr(self):
         return f"num_intervals={self.num_intervals}"
@@ -294,8 +265,8 @@ class UncertaintyWeighting(torch.nn.Module):
 
 def uniform_intervals(num_timesteps: int, k: int) -> list[tuple[int, int]]:
     """Split ``[0, T)`` into k contiguous intervals whose sizes differ by at most 1."""
-    num_timesteps = _integer("num_timesteps", num_timesteps, 1)
-    k = _integer("k", k, 1, num_timesteps)
+    num_timesteps = check_int(num_timesteps, "num_timesteps", minimum=1)
+    k = check_int(k, "k", minimum=1, maximum=num_timesteps)
     bounds = [i * num_timesteps // k for i in range(k + 1)]
     return list(zip(bounds[:-1], bounds[1:]))
 
@@ -307,7 +278,7 @@ def _cost_by_end(cost, num_timesteps):
     if callable(cost):
         if num_timesteps is None:
             raise ValueError("num_timesteps is required when cost is a callable cost(l, r)")
-        T = _integer("num_timesteps", num_timesteps, 1)
+        T = check_int(num_timesteps, "num_timesteps", minimum=1)
         right, left = np.tril_indices(T)
         values = np.asarray(cost(left, right), dtype=np.float64)
         try:
@@ -327,7 +298,7 @@ def _cost_by_end(cost, num_timesteps):
         if cost.ndim != 2 or cost.shape[0] != cost.shape[1] or cost.shape[0] < 1:
             raise ValueError(f"cost matrix must have shape (T, T) with T >= 1, got {cost.shape}")
         T = cost.shape[0]
-        if num_timesteps is not None and _integer("num_timesteps", num_timesteps, 1) != T:
+        if num_timesteps is not None and check_int(num_timesteps, "num_timesteps", minimum=1) != T:
             raise ValueError(f"num_timesteps={num_timesteps} does not match the cost matrix size {T}")
         right, left = np.tril_indices(T)
         values = cost[left, right].astype(np.float64)
@@ -341,7 +312,7 @@ def _cost_by_end(cost, num_timesteps):
 def _cluster_by_end(table, k):
     """Exact dynamic program over a cost table from :func:`_cost_by_end`; O(k T^2) vectorised."""
     T = table.shape[0]
-    k = _integer("k", k, 1, T)
+    k = check_int(k, "k", minimum=1, maximum=T)
     best = table[:, 0].copy()  # best[r]: cheapest split of [0, r] into j + 1 intervals
     choice = np.empty((k - 1, T), dtype=np.int64)  # choice[j - 1, r]: start of the last interval
     total, before, rows = np.empty_like(table), np.empty(T), np.arange(T)
@@ -430,7 +401,7 @@ class StratifiedTimestepSampler:
 
     def sample(self, batch_size: int, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw a (B,) LongTensor of timesteps; reproducible when given a seeded generator."""
-        batch_size = _integer("batch_size", batch_size, 1)
+        batch_size = check_int(batch_size, "batch_size", minimum=1)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         k = self.num_intervals
