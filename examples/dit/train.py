@@ -129,6 +129,7 @@ class TrainingDiverged(RuntimeError):
 
 
 def all_finite(tensors):
+    """True when no tensor holds an inf or a NaN."""
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
