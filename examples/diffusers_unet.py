@@ -12,14 +12,15 @@ The model, DDPMScheduler, the loss and DDPMPipeline are plain diffusers; the one
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
-from PIL import Image
 from sklearn.datasets import load_digits
+from torchvision.utils import make_grid, save_image
 
 import dtr
 
@@ -48,16 +49,9 @@ def make_unet(image_size: int, channels: list[int]) -> UNet2DModel:
 
 
 def save_grid(images: np.ndarray, path: str, scale: int = 4) -> None:
-    """(N, H, W, 1) images in [0, 1] -> one PNG, a square-ish grid, each pixel enlarged ``scale`` times."""
-    n, h, w, _ = images.shape
-    cols = int(np.ceil(np.sqrt(n)))
-    rows = int(np.ceil(n / cols))
-    grid = np.ones((rows * (h + 1) + 1, cols * (w + 1) + 1), dtype=np.float32)
-    for i, img in enumerate(images[..., 0]):
-        r, c = divmod(i, cols)
-        grid[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + c * (w + 1): 1 + c * (w + 1) + w] = img
-    pixels = (grid * 255).round().astype(np.uint8)
-    Image.fromarray(pixels).resize((pixels.shape[1] * scale, pixels.shape[0] * scale), Image.NEAREST).save(path)
+    """(N, H, W, 1) images in [0, 1] -> one PNG: a square-ish grid, 1-pixel white gaps, pixels enlarged ``scale`` times."""
+    grid = make_grid(torch.from_numpy(images).permute(0, 3, 1, 2), nrow=math.ceil(math.sqrt(len(images))), padding=1, pad_value=1.0)
+    save_image(grid.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1), path)
 
 
 def main(argv: list[str] | None = None) -> None:

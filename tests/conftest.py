@@ -33,3 +33,19 @@ def make_image_folder(root, classes=2, per_class=5, seed=0):
             h, w = rng.integers(30, 70, size=2)
             Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(os.path.join(root, f"class{c}", f"{i}.png"))
     return root
+
+
+def assert_same_training_state(a, b):
+    """Two train.py checkpoints hold the same step, weights, EMA, UW, optimizer state and random states, bit for bit."""
+    assert a["step"] == b["step"]
+    for key in ("model", "ema"):
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs"
+    if a["uw"] is not None:
+        assert torch.equal(a["uw"]["log_vars"], b["uw"]["log_vars"])
+    for sa, sb in zip(a["opt"]["state"].values(), b["opt"]["state"].values()):
+        for name in sa:
+            assert torch.equal(sa[name], sb[name]), f"optimizer state {name} differs"
+    for ra, rb in zip(a["rng"], b["rng"]):
+        assert torch.equal(ra["generator"], rb["generator"]) and torch.equal(ra["cpu"], rb["cpu"])

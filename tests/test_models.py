@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from models import DiT, DiT_models, get_2d_sincos_pos_embed
 from models import Attention, LabelEmbedder, PatchEmbed, TimestepEmbedder
@@ -213,7 +214,7 @@ def test_default_constructor_is_dit_xl2():
 
 @pytest.mark.parametrize("name", sorted(DiT_models))
 def test_configs(name):
-    widths = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
+    widths = {"T": (64, 4, 4), "S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
     size, patch = name[4:].split("/")
     hidden, depth, heads = widths[size]
     with torch.device("meta"):
@@ -227,8 +228,10 @@ def test_configs(name):
     assert model.blocks[0].mlp.fc1.out_features == 4 * hidden
 
 
-def test_all_twelve_names():
-    assert set(DiT_models) == {f"DiT-{s}/{p}" for s in ("S", "B", "L", "XL") for p in (2, 4, 8)}
+def test_names_are_dits_twelve_and_the_toy_size():
+    paper = {f"DiT-{s}/{p}" for s in ("S", "B", "L", "XL") for p in (2, 4, 8)}
+    assert set(DiT_models) == paper | {"DiT-T/1", "DiT-T/2", "DiT-T/4"}
+    assert DiT_models["DiT-T/2"].keywords == dict(depth=4, hidden_size=64, num_heads=4, patch_size=2)
 
 
 def test_label_table_rows():
@@ -298,6 +301,20 @@ def test_attention_is_softmax_qk_v():
     x = torch.randn(3, 7, 32, dtype=torch.float64)
     want = attention_by_hand(x, attn.qkv.weight, attn.qkv.bias, attn.proj.weight, attn.proj.bias, heads=4)
     torch.testing.assert_close(attn(x), want)
+
+
+def test_einops_layouts_are_dits_reshapes_bit_for_bit():
+    """The head split and unpatchify (einops) move exactly the values DiT's reshape/permute chains move."""
+    torch.manual_seed(0)
+    attn = Attention(48, num_heads=6)
+    x = torch.randn(2, 9, 48)
+    n, t, d = x.shape
+    qkv = attn.qkv(x).reshape(n, t, 3, 6, 8).permute(2, 0, 3, 1, 4)  # timm's Attention, as in DiT
+    want = attn.proj(F.scaled_dot_product_attention(*qkv.unbind(0)).transpose(1, 2).reshape(n, t, d))
+    assert torch.equal(attn(x), want)
+    model = tiny_dit(patch_size=2)  # 4x4 tokens of (2, 2, 8) values
+    tokens = torch.randn(3, 16, 2 * 2 * 8)
+    assert torch.equal(model.unpatchify(tokens), unpatchify_loops(tokens, 2, 8))
 
 
 def test_label_dropout():

@@ -6,7 +6,11 @@ import sys
 
 import pytest
 
+import common
 import config
+import evaluate
+import sample_ddp
+import train
 from config import ConfigError
 
 EXAMPLES_DIT = os.path.dirname(os.path.abspath(config.__file__))
@@ -33,10 +37,10 @@ def test_paper_command_line():
     assert cfg.general.data_path == "/data/imagenet/train" and cfg.general.loss_weight_type == "uw"
     assert cfg.logs.results_dir == "results/ImageNet/linear_scheduling/DTR_0.8_uw"
     assert cfg.eval.samples_dir == "samples/ImageNet/linear_scheduling/DTR_0.8_uw"
-    assert config.checkpoint_path(cfg) == "results/ImageNet/linear_scheduling/DTR_0.8_uw/DiT-L-2/000/checkpoints/0400000.pt"
-    assert config.sample_folder(cfg) == (
+    assert common.checkpoint_path(cfg) == "results/ImageNet/linear_scheduling/DTR_0.8_uw/DiT-L-2/000/checkpoints/0400000.pt"
+    assert sample_ddp.sample_folder(cfg) == (
         "samples/ImageNet/linear_scheduling/DTR_0.8_uw/DiT-L-2/0400000-size-256-vae-ema-samples-50000-cfg-1.5-seed-0")
-    assert config.sample_batch_path(cfg).endswith("-seed-0.npz")
+    assert evaluate.sample_batch_path(cfg).endswith("-seed-0.npz")
 
 
 def test_baseline_and_overrides():
@@ -44,11 +48,11 @@ def test_baseline_and_overrides():
                        "eval.ckpt_path.version=2", "eval.ckpt_path.iterations=50000"])
     assert cfg.models.routing.sharing_ratio == 1.0 and not config.is_routed(cfg)
     assert cfg.logs.results_dir.endswith("DTR_1.0_min_snr_5")
-    assert config.checkpoint_path(cfg).endswith("DiT-L-2/002/checkpoints/0050000.pt")
+    assert common.checkpoint_path(cfg).endswith("DiT-L-2/002/checkpoints/0050000.pt")
     cfg = config.load(["eval.ckpt=/ckpts/x.pt", "eval.samples_dir=/s", "logs.results_dir=/r", "models.routing.init_method=random"])
-    assert config.checkpoint_path(cfg) == "/ckpts/x.pt"
-    assert config.sample_folder(cfg).startswith("/s/DiT-L-2/x-size-256")
-    assert config.new_experiment_dir(cfg) == "/r/DiT-L-2/000"
+    assert common.checkpoint_path(cfg) == "/ckpts/x.pt"
+    assert sample_ddp.sample_folder(cfg).startswith("/s/DiT-L-2/x-size-256")
+    assert train.new_experiment_dir(cfg) == "/r/DiT-L-2/000"
     assert config.routing_method(cfg) == "random"
 
 
@@ -58,15 +62,16 @@ def test_digits_preset():
     assert config.in_channels(cfg) == 1 and config.input_size(cfg) == 8
     assert config.architecture(cfg) == (4, 64, 4, 2)
     assert cfg.logs.results_dir == "results/digits/linear_scheduling/DTR_0.8_constant"
+    assert 300 // cfg.logs.log_every >= 3  # a 300-step run shows its loss
     cfg = config.load(["data=digits", "models.depth=2", "models.hidden_size=32"])
     assert config.architecture(cfg) == (2, 32, 4, 2)
 
 
 def test_new_experiment_dir_counts_up(tmp_path):
     cfg = config.load([f"logs.results_dir={tmp_path}"])
-    assert config.new_experiment_dir(cfg).endswith("DiT-L-2/000")
-    os.makedirs(config.new_experiment_dir(cfg))
-    assert config.new_experiment_dir(cfg).endswith("DiT-L-2/001")
+    assert train.new_experiment_dir(cfg).endswith("DiT-L-2/000")
+    os.makedirs(train.new_experiment_dir(cfg))
+    assert train.new_experiment_dir(cfg).endswith("DiT-L-2/001")
 
 
 @pytest.mark.parametrize("argv, names", [
@@ -111,8 +116,6 @@ def test_cli_exits_2_with_the_message():
 
 
 def test_train_needs_data_path(tmp_path):
-    import train
-
     cfg = config.load([f"logs.results_dir={tmp_path}", "models.name=DiT-T/2", "general.device=cpu"])
     with pytest.raises(ConfigError, match="general.data_path"):
         train.main(cfg)

@@ -62,7 +62,7 @@ def test_sample_ddp_two_ranks_gives_exactly_n(workdir):
            os.path.join(EXAMPLES_DIT, "sample_ddp.py"), *args]
     r = subprocess.run(cmd, cwd=workdir["root"], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    folder = config.sample_folder(config.load(args))
+    folder = sample_ddp.sample_folder(config.load(args))
     images, _ = check_npz(folder + ".npz", n)
     pngs = sorted(os.listdir(folder))
     assert pngs == [f"{i:06d}.png" for i in range(n)]
@@ -74,7 +74,7 @@ def test_sample_ddp_one_process_and_evaluate(workdir):
     n = 7
     args = sampling_args(workdir, n)
     path = sample_ddp.main(config.load(args))
-    assert path == config.sample_batch_path(config.load(args))
+    assert path == evaluate.sample_batch_path(config.load(args))
     check_npz(path, n)
     assert not os.path.exists(path[: -len(".npz")])  # no PNGs asked for: no folder left behind
 
@@ -99,6 +99,14 @@ def test_sample_grid(workdir):
     assert path == str(out)
     grid = np.asarray(Image.open(out))
     assert grid.shape == (2 + 2 * (64 + 2), 2 + 3 * (64 + 2), 3)  # 2 rows x 3 classes of 64x64 tiles
+    gaps = np.ones(grid.shape[:2], dtype=bool)
+    for r in range(2):
+        for c in range(3):
+            top, left = 2 + r * 66, 2 + c * 66
+            gaps[top : top + 64, left : left + 64] = False
+            tile = grid[top : top + 64, left : left + 64, 0].reshape(8, 8, 8, 8)  # 8x8 digit pixels, each 8x8
+            assert (tile == tile[:, :1, :, :1]).all() and (grid[top : top + 64, left : left + 64] == tile.reshape(64, 64)[..., None]).all()
+    assert (grid[gaps] == 255).all()  # white 2-pixel gaps
     with pytest.raises(config.ConfigError, match="eval.class_labels"):
         sample.main(config.load([*sampling_args(workdir, 1), "eval.class_labels=[3,10]"]))
 

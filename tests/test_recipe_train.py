@@ -12,7 +12,7 @@ import torch
 
 import config
 import train
-from conftest import TINY_VAE, make_image_folder
+from conftest import TINY_VAE, assert_same_training_state, make_image_folder
 
 EXAMPLES_DIT = os.path.dirname(os.path.abspath(config.__file__))
 TINY = ["models.name=DiT-T/2", "models.depth=2", "models.hidden_size=32", "general.num_workers=0", "general.device=cpu"]
@@ -31,21 +31,6 @@ def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def assert_same_training_state(a, b):
-    assert a["step"] == b["step"]
-    for key in ("model", "ema"):
-        assert a[key].keys() == b[key].keys()
-        for name in a[key]:
-            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs"
-    if a["uw"] is not None:
-        assert torch.equal(a["uw"]["log_vars"], b["uw"]["log_vars"])
-    for sa, sb in zip(a["opt"]["state"].values(), b["opt"]["state"].values()):
-        for name in sa:
-            assert torch.equal(sa[name], sb[name]), f"optimizer state {name} differs"
-    for ra, rb in zip(a["rng"], b["rng"]):
-        assert torch.equal(ra["generator"], rb["generator"]) and torch.equal(ra["cpu"], rb["cpu"])
-
-
 @pytest.mark.slow
 def test_torchrun_digits(tmp_path):
     """Two gloo processes on digits: the checkpoint holds everything, loads with weights_only=True."""
@@ -62,8 +47,15 @@ def test_torchrun_digits(tmp_path):
     assert not any("mask" in k or "rout" in k for k in ckpt["model"])  # routing adds no state
     assert not torch.equal(ckpt["model"]["blocks.0.attn.qkv.weight"], ckpt["ema"]["blocks.0.attn.qkv.weight"])
     log = (exp / "log.txt").read_text()
-    assert "2 process(es)" in log and "DTR routing" in log and "method=random" in log and "Train Loss" in log
-    assert os.listdir(exp / "tensorboard")
+    assert "2 process(es)" in log and "DTR routing" in log and "method=random" in log
+    assert "(step=0000002, epoch=0) Train Loss: " in log and "(step=0000004, epoch=0) Train Loss: " in log
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(exp / "tensorboard"))
+    events.Reload()
+    assert {"train/loss", "train/grad_norm", "train/lr", "train/steps_per_sec"} <= set(events.Tags()["scalars"])
+    assert [(e.step, e.value) for e in events.Scalars("train/lr")] == [(2, pytest.approx(2e-3)), (4, pytest.approx(2e-3))]
+    assert all(0 < e.value < 1e3 for e in events.Scalars("train/grad_norm"))
     assert not list((exp / "checkpoints").glob("*.tmp"))
 
 
@@ -83,7 +75,8 @@ def test_torchrun_image_folder_uw_resumes_exactly(tmp_path):
     assert uninterrupted["uw"]["log_vars"].shape == (8,)
     assert "Dataset: 20 samples (images), 5 steps per epoch" in (tmp_path / "res" / "DiT-T-2" / "000" / "log.txt").read_text()
 
-    os.rename(ckpts / "0000008.pt", tmp_path / "uninterrupted.pt")
+    os.rename(ckpts / "0000008.pt", tmp_path / "uninterrupted.pt")  # as if the run had stopped after step 3
+    os.remove(ckpts / "0000006.pt")
     torchrun("train.py", [*args, f"general.resume={ckpts / '0000003.pt'}"], tmp_path)
     assert_same_training_state(load(ckpts / "0000008.pt"), uninterrupted)
     assert not (tmp_path / "res" / "DiT-T-2" / "001").exists()  # the resumed run continues in its folder
@@ -95,9 +88,15 @@ def test_resume_is_exact_in_one_process(tmp_path, monkeypatch):
             "general.iterations=6", "logs.ckpt_every=3"]
     first = train.main(config.load(base))
     uninterrupted = load(first["checkpoint"])
+    os.remove(first["checkpoint"])  # as if the run had stopped after step 3
     resumed = train.main(config.load([*base, f"general.resume={first['experiment_dir']}/checkpoints/0000003.pt"]))
     assert resumed["experiment_dir"] == first["experiment_dir"] and resumed["step"] == 6
     assert_same_training_state(load(resumed["checkpoint"]), uninterrupted)
+    # log_every=100 > the run: its last step is logged anyway, with the gradient norm and the lr beside the loss.
+    log = open(os.path.join(first["experiment_dir"], "log.txt")).read()
+    assert log.count("(step=0000006, epoch=0) Train Loss: ") == 2 and log.count("LR: 0.002, ") == 2
+    norms = [float(line.split("Grad Norm: ")[1].split(",")[0]) for line in log.splitlines() if "Grad Norm: " in line]
+    assert len(norms) == 2 and all(0 < n < 1e3 for n in norms)  # steps 1-6, then 4-6
 
 
 def test_resume_refuses_other_model_keys(tmp_path, monkeypatch):

@@ -162,10 +162,24 @@ def check_same_model(cfg, saved, path, keys=MODEL_KEYS):
         )
 
 
+def model_string(cfg):
+    """DiT-XL/2 -> DiT-XL-2, for folder names."""
+    return cfg.models.name.replace("/", "-")
+
+
+def checkpoint_path(cfg):
+    """eval.ckpt if set, else {results_dir}/{model}/{eval.ckpt_path.version:03d}/checkpoints/{iterations:07d}.pt."""
+    if cfg.eval.ckpt is not None:
+        return cfg.eval.ckpt
+    v, it = cfg.eval.ckpt_path.version, cfg.eval.ckpt_path.iterations
+    return os.path.join(cfg.logs.results_dir, model_string(cfg), f"{v:03d}", "checkpoints", f"{it:07d}.pt")
+
+
 def load_checkpoint(path, mmap=False):
     """torch.load a recipe checkpoint (or a plain state dict, such as DiT's released ones), weights only.
 
     mmap=True maps the file instead of reading it (for weights that are copied into a model anyway).
+    A missing, unreadable (truncated, empty) or foreign file raises a one-line ConfigError naming it.
     """
     if not os.path.isfile(path):
         raise config.ConfigError(
@@ -173,16 +187,26 @@ def load_checkpoint(path, mmap=False):
             "(or eval.ckpt_path.version / eval.ckpt_path.iterations; general.resume for train.py)"
         )
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except RuntimeError:
-        if not mmap:
-            raise
-        return torch.load(path, map_location="cpu", weights_only=True)  # an old (non-zip) file cannot be mapped
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError:
+            if not mmap:
+                raise
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)  # an old (non-zip) file cannot be mapped
+    except Exception as err:  # torch.load raises many types: RuntimeError, EOFError, UnpicklingError, ...
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else "the file ends early"
+        raise config.ConfigError(
+            f"cannot read checkpoint {path} ({type(err).__name__}: {reason}); expected a file written by "
+            "train.py (or a DiT state dict) with torch.save"
+        ) from None
+    if not isinstance(ckpt, dict):
+        raise config.ConfigError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint; expected a dict written by train.py (or a DiT state dict)")
+    return ckpt
 
 
 def load_model_for_sampling(cfg, device, logger=None):
     """The trained DiT (EMA weights unless eval.use_ema=false), routed as configured, in eval mode."""
-    path = config.checkpoint_path(cfg)
+    path = checkpoint_path(cfg)
     ckpt = load_checkpoint(path, mmap=True)
     if "model" in ckpt:  # a train.py checkpoint
         if "config" in ckpt:
@@ -191,7 +215,11 @@ def load_model_for_sampling(cfg, device, logger=None):
     else:  # a bare state dict
         state = ckpt
     model = build_model(cfg)
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:  # a foreign file, or other model keys than the config's
+        detail = " ".join(line.strip() for line in str(err).splitlines()[1:])[:300]
+        raise config.ConfigError(f"{path} does not hold the weights of {cfg.models.name} as configured: {detail}") from None
     route(model, cfg)
     if logger is not None:
         logger.info(f"Loaded {'EMA ' if cfg.eval.use_ema and 'ema' in ckpt else ''}weights from {path}")

@@ -1,4 +1,4 @@
-"""Configuration of the DiT + DTR recipe: YAML defaults, `key=value` overrides, validation, derived paths.
+"""Configuration of the DiT + DTR recipe: YAML defaults, `key=value` overrides, validation, model shapes.
 
 The keys mirror the paper code's Hydra config (byeongjun-park/DTR), so its command lines work here:
 
@@ -6,9 +6,10 @@ The keys mirror the paper code's Hydra config (byeongjun-park/DTR), so its comma
         models.name=DiT-L/2 models.routing.sharing_ratio=0.8
 
 `configs/base_config.yaml` holds the values, `configs/data/<name>.yaml` (picked by `data=<name>`)
-overrides them, and the command line overrides both. SCHEMA below fixes which keys exist and their
-types; `validate` checks the values. Anything wrong raises ConfigError, which the scripts turn into
-a one-line message naming the key and exit code 2.
+overrides them, and the command line overrides both. The `Config` dataclass below fixes which keys
+exist, their types and, for string keys with fixed values, their choices; INT_RANGES and FLOAT_RANGES
+bound every number. Anything wrong raises ConfigError, which the scripts turn into a one-line message
+naming the key and exit code 2, before they write anything.
 """
 
 import difflib
@@ -16,14 +17,19 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field
-from glob import glob
+from enum import Enum
 from typing import List, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-CONFIG_DIR = os.path.join(HERE, "configs")
+import dtr
+from dtr.validation import check_float, check_int
+from models import DiT_models
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+PRETRAINED_VAES = ("ema", "mse")  # stabilityai/sd-vae-ft-ema, stabilityai/sd-vae-ft-mse
+DIFFUSION_STEPS = 1000
 
 
 class ConfigError(ValueError):
@@ -31,9 +37,30 @@ class ConfigError(ValueError):
 
 
 #################################################################################
-#                     Schema: which keys exist, and their types                 #
+#                 Schema: which keys exist, their types and choices             #
 #################################################################################
 # Values live in configs/*.yaml; a key missing from the schema is rejected wherever it comes from.
+
+
+class Choice(str, Enum):
+    """A string key with fixed values: OmegaConf rejects any other, naming the key and the choices.
+    Members are plain strings to the code (== "digits", f-strings, os.path)."""
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+
+def choices(name, values):
+    """A Choice whose members are `values` (each member's name is its value, as YAML spells it)."""
+    return Choice(name, [(v, v) for v in values], module=__name__)
+
+
+DataName = choices("DataName", ["ImageNet", "digits"])
+Schedule = choices("Schedule", ["linear", "cosine"])
+Device = choices("Device", ["auto", "cuda", "cpu"])
+ModelName = choices("ModelName", DiT_models)
+InitMethod = choices("InitMethod", ["DTR", "dtr", "random"])
+Sampler = choices("Sampler", ["ddpm", "ddim"])
 
 
 @dataclass
@@ -47,15 +74,16 @@ class General:
     gpu_offset: int = MISSING
     mixed_precision: bool = MISSING
     image_size: int = MISSING
-    schedule_name: str = MISSING
+    schedule_name: Schedule = MISSING
     loss_weight_type: str = MISSING
     vae: str = MISSING
     vae_config: Optional[str] = MISSING
     uw_intervals: int = MISSING
     resume: Optional[str] = MISSING
+    fork: bool = MISSING
     compile: bool = MISSING
     grad_checkpoint: bool = MISSING
-    device: str = MISSING
+    device: Device = MISSING
 
 
 @dataclass
@@ -70,14 +98,14 @@ class Optim:
 class Routing:
     sharing_ratio: float = MISSING
     taskcount: int = MISSING
-    init_method: str = MISSING
+    init_method: InitMethod = MISSING
     alpha: float = MISSING
     seed: int = MISSING
 
 
 @dataclass
 class Models:
-    name: str = MISSING
+    name: ModelName = MISSING
     hidden_size: Optional[int] = MISSING
     depth: Optional[int] = MISSING
     num_heads: Optional[int] = MISSING
@@ -87,7 +115,7 @@ class Models:
 
 @dataclass
 class Data:
-    name: str = MISSING
+    name: DataName = MISSING
     num_classes: int = MISSING
 
 
@@ -116,7 +144,7 @@ class Eval:
     ckpt_path: CkptPath = field(default_factory=CkptPath)
     ckpt: Optional[str] = MISSING
     use_ema: bool = MISSING
-    sampler: str = MISSING
+    sampler: Sampler = MISSING
     guide_channels: Optional[int] = MISSING
     save_png: bool = MISSING
     class_labels: List[int] = MISSING
@@ -138,20 +166,40 @@ class Config:
     eval: Eval = field(default_factory=Eval)
 
 
-# DiT sizes (depth, hidden_size, num_heads), as facebookresearch/DiT's models.py; "T" is a toy size.
-ARCHS = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6), "T": (4, 64, 4)}
-MODEL_NAMES = [f"DiT-{size}/{p}" for size in ("XL", "L", "B", "S") for p in (2, 4, 8)] + ["DiT-T/1", "DiT-T/2", "DiT-T/4"]
-
-CHOICES = {
-    "data.name": ("ImageNet", "digits"),
-    "general.schedule_name": ("linear", "cosine"),
-    "general.device": ("auto", "cuda", "cpu"),
-    "models.name": tuple(MODEL_NAMES),
-    "models.routing.init_method": ("DTR", "dtr", "random"),
-    "eval.sampler": ("ddpm", "ddim"),
+# The range of every number (dtr.validation's keywords); None, where the schema allows it, means "the default".
+INT_RANGES = {
+    "general.iterations": dict(minimum=1),
+    "general.num_workers": dict(minimum=0),
+    "general.global_batch_size": dict(minimum=1),
+    "general.global_seed": {},
+    "general.gpu_offset": dict(minimum=0),
+    "general.image_size": dict(minimum=1),
+    "general.uw_intervals": dict(minimum=1, maximum=DIFFUSION_STEPS),
+    "models.hidden_size": dict(minimum=1),
+    "models.depth": dict(minimum=1),
+    "models.num_heads": dict(minimum=1),
+    "models.routing.taskcount": dict(minimum=DIFFUSION_STEPS),  # one task per timestep at least
+    "models.routing.seed": {},
+    "data.num_classes": dict(minimum=1),
+    "logs.log_every": dict(minimum=1),
+    "logs.ckpt_every": dict(minimum=1),
+    "eval.per_proc_batch_size": dict(minimum=1),
+    "eval.num_fid_samples": dict(minimum=1),
+    "eval.num_sampling_steps": dict(minimum=1, maximum=DIFFUSION_STEPS),
+    "eval.ckpt_path.version": dict(minimum=0),
+    "eval.ckpt_path.iterations": dict(minimum=0),
+    "eval.guide_channels": dict(minimum=0),
 }
-PRETRAINED_VAES = ("ema", "mse")  # stabilityai/sd-vae-ft-ema, stabilityai/sd-vae-ft-mse
-DIFFUSION_STEPS = 1000
+FLOAT_RANGES = {  # finite, always
+    "optim.lr": dict(low=0.0, low_open=True),
+    "optim.weight_decay": dict(low=0.0),
+    "optim.uw_lr": dict(low=0.0, low_open=True),
+    "optim.ema_decay": dict(low=0.0, high=1.0, high_open=True),
+    "models.class_dropout_prob": dict(low=0.0, high=1.0, high_open=True),
+    "models.routing.sharing_ratio": dict(low=0.0, high=1.0, low_open=True, hint=" (1.0 = no routing, the baseline)"),
+    "models.routing.alpha": dict(low=0.0, low_open=True),
+    "eval.cfg_scale": dict(low=1.0, hint=" (1.0 = no guidance)"),
+}
 
 
 #################################################################################
@@ -166,9 +214,7 @@ def data_presets():
 
 def load(argv=(), validate_values=True):
     """The config for command-line arguments like ["data=digits", "general.iterations=100"]."""
-    argv = list(argv)
-    preset = "ImageNet"
-    overrides = []
+    preset, overrides = "ImageNet", []
     for arg in argv:
         if "=" not in arg:
             raise ConfigError(f"argument {arg!r} is not key=value (e.g. general.loss_weight_type=uw)")
@@ -187,9 +233,7 @@ def load(argv=(), validate_values=True):
         _check_key(schema, key)
     files = [os.path.join(CONFIG_DIR, "base_config.yaml"), os.path.join(CONFIG_DIR, "data", f"{preset}.yaml")]
     try:
-        cfg = schema
-        for path in files:
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+        cfg = OmegaConf.merge(schema, *(OmegaConf.load(path) for path in files))
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([arg for _, arg in overrides]))
         OmegaConf.resolve(cfg)
         missing = sorted(OmegaConf.missing_keys(cfg))
@@ -230,61 +274,31 @@ def _describe(e):
 
 
 def validate(cfg):
-    """Check every value; raise ConfigError naming the first bad key and what it accepts."""
-    for key, choices in CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        if value not in choices:
-            raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(map(str, choices))}")
-
-    g, o, m, r, e = cfg.general, cfg.optim, cfg.models, cfg.models.routing, cfg.eval
+    """Check every value (the schema has checked types and choices); raise ConfigError naming the first bad key."""
+    for table, check in ((INT_RANGES, check_int), (FLOAT_RANGES, check_float)):
+        for key, bounds in table.items():
+            value = OmegaConf.select(cfg, key)
+            if value is not None:
+                try:
+                    check(value, key, **bounds)
+                except (TypeError, ValueError) as err:
+                    raise ConfigError(str(err)) from None
     from dtr.weighting import parse_loss_weight_type
 
     try:
-        parse_loss_weight_type(g.loss_weight_type)
+        parse_loss_weight_type(cfg.general.loss_weight_type)
     except ValueError as err:
         raise ConfigError(f"general.loss_weight_type: {err}") from None
 
-    _at_least(cfg, "general.iterations", 1)
-    _at_least(cfg, "general.num_workers", 0)
-    _at_least(cfg, "general.global_batch_size", 1)
-    _at_least(cfg, "general.gpu_offset", 0)
-    _at_least(cfg, "general.uw_intervals", 1)
-    _at_least(cfg, "data.num_classes", 1)
-    _at_least(cfg, "logs.log_every", 1)
-    _at_least(cfg, "logs.ckpt_every", 1)
-    _at_least(cfg, "eval.per_proc_batch_size", 1)
-    _at_least(cfg, "eval.num_fid_samples", 1)
-    _at_least(cfg, "eval.ckpt_path.version", 0)
-    _at_least(cfg, "eval.ckpt_path.iterations", 0)
-    for key in ("models.hidden_size", "models.depth", "models.num_heads"):
-        if OmegaConf.select(cfg, key) is not None:
-            _at_least(cfg, key, 1)
-    if g.uw_intervals > DIFFUSION_STEPS:
-        raise ConfigError(f"general.uw_intervals must be <= {DIFFUSION_STEPS}, got {g.uw_intervals}")
-    if not 1 <= e.num_sampling_steps <= DIFFUSION_STEPS:
-        raise ConfigError(f"eval.num_sampling_steps must be in [1, {DIFFUSION_STEPS}], got {e.num_sampling_steps}")
-    if not 0.0 < r.sharing_ratio <= 1.0:
-        raise ConfigError(f"models.routing.sharing_ratio must be in (0, 1] (1.0 = no routing, the baseline), got {r.sharing_ratio}")
-    if not r.alpha > 0:
-        raise ConfigError(f"models.routing.alpha must be > 0, got {r.alpha}")
-    if r.taskcount < DIFFUSION_STEPS:
-        raise ConfigError(f"models.routing.taskcount must be >= the {DIFFUSION_STEPS} diffusion steps (one task per timestep), got {r.taskcount}")
-    if not o.lr > 0:
-        raise ConfigError(f"optim.lr must be > 0, got {o.lr}")
-    if not o.uw_lr > 0:
-        raise ConfigError(f"optim.uw_lr must be > 0, got {o.uw_lr}")
-    if not o.weight_decay >= 0:
-        raise ConfigError(f"optim.weight_decay must be >= 0, got {o.weight_decay}")
-    if not 0.0 <= o.ema_decay < 1.0:
-        raise ConfigError(f"optim.ema_decay must be in [0, 1), got {o.ema_decay}")
-    if not 0.0 <= m.class_dropout_prob < 1.0:
-        raise ConfigError(f"models.class_dropout_prob must be in [0, 1), got {m.class_dropout_prob}")
-    if e.cfg_scale < 1.0:
-        raise ConfigError(f"eval.cfg_scale must be >= 1.0 (1.0 = no guidance), got {e.cfg_scale}")
-
+    g, m = cfg.general, cfg.models
     depth, hidden, heads, patch = architecture(cfg)
     if hidden % heads or hidden % 2:
         raise ConfigError(f"models.hidden_size={hidden} must be even and divisible by models.num_heads={heads}")
+    if is_routed(cfg):
+        try:
+            dtr.active_channels(hidden, m.routing.sharing_ratio)
+        except ValueError as err:
+            raise ConfigError(f"models.routing.sharing_ratio with models.hidden_size={hidden}: {err}") from None
     if cfg.data.name == "digits":
         if g.image_size != 8:
             raise ConfigError(f"general.image_size must be 8 for data=digits (8x8 images), got {g.image_size}")
@@ -301,23 +315,17 @@ def validate(cfg):
         raise ConfigError(f"models.name={m.name}: patch size {patch} does not divide the model input size {size} (general.image_size={g.image_size})")
 
 
-def _at_least(cfg, key, low):
-    value = OmegaConf.select(cfg, key)
-    if value < low:
-        raise ConfigError(f"{key} must be >= {low}, got {value}")
-
-
 #################################################################################
 #                          Model and data shapes from the config                #
 #################################################################################
 
 
 def architecture(cfg):
-    """(depth, hidden_size, num_heads, patch_size) of models.name with its overrides."""
-    size, patch = cfg.models.name[len("DiT-"):].split("/")
-    depth, hidden, heads = ARCHS[size]
+    """(depth, hidden_size, num_heads, patch_size) of models.name (models.DiT_models) with its overrides."""
     m = cfg.models
-    return (m.depth or depth, m.hidden_size or hidden, m.num_heads or heads, int(patch))
+    size = dict(DiT_models[m.name].keywords)
+    size.update({key: m[key] for key in ("depth", "hidden_size", "num_heads") if m[key] is not None})
+    return size["depth"], size["hidden_size"], size["num_heads"], size["patch_size"]
 
 
 def vae_geometry(cfg):
@@ -358,56 +366,6 @@ def is_routed(cfg):
 
 
 #################################################################################
-#                     Derived folders (as the paper code derives them)          #
-#################################################################################
-
-
-def model_string(cfg):
-    """DiT-XL/2 -> DiT-XL-2, for folder names."""
-    return cfg.models.name.replace("/", "-")
-
-
-def new_experiment_dir(cfg):
-    """{results_dir}/{model}/{index:03d}, the next free index (000, 001, ...)."""
-    root = os.path.join(cfg.logs.results_dir, model_string(cfg))
-    index = len(glob(os.path.join(root, "[0-9][0-9][0-9]")))
-    return os.path.join(root, f"{index:03d}")
-
-
-def checkpoint_path(cfg):
-    """eval.ckpt if set, else {results_dir}/{model}/{eval.ckpt_path.version:03d}/checkpoints/{iterations:07d}.pt."""
-    if cfg.eval.ckpt is not None:
-        return cfg.eval.ckpt
-    v, it = cfg.eval.ckpt_path.version, cfg.eval.ckpt_path.iterations
-    return os.path.join(cfg.logs.results_dir, model_string(cfg), f"{v:03d}", "checkpoints", f"{it:07d}.pt")
-
-
-def sample_folder(cfg):
-    """{samples_dir}/{model}/{ckpt}-size-{S}-vae-{vae}-samples-{N}-cfg-{scale}-seed-{seed}; the .npz goes beside it."""
-    e, g = cfg.eval, cfg.general
-    ckpt = os.path.splitext(os.path.basename(e.ckpt))[0] if e.ckpt is not None else f"{e.ckpt_path.iterations:07d}"
-    vae = "none" if cfg.data.name == "digits" else os.path.basename(os.path.normpath(g.vae))
-    name = f"{ckpt}-size-{g.image_size}-vae-{vae}-samples-{e.num_fid_samples}"
-    if cfg.data.num_classes > 1:
-        name += f"-cfg-{e.cfg_scale}"
-    name += f"-seed-{g.global_seed}"
-    return os.path.join(e.samples_dir, model_string(cfg), name)
-
-
-def latents_dir(cfg):
-    """extract_latents.py's output: general.latents_dir, else <data_path>-latents-<image_size>-<vae>."""
-    if cfg.general.latents_dir is not None:
-        return cfg.general.latents_dir
-    vae = os.path.basename(os.path.normpath(cfg.general.vae))
-    return f"{os.path.normpath(cfg.general.data_path)}-latents-{cfg.general.image_size}-{vae}"
-
-
-def sample_batch_path(cfg):
-    """evaluate.py's samples: eval.sample_batch, else sample_ddp.py's .npz."""
-    return cfg.eval.sample_batch if cfg.eval.sample_batch is not None else sample_folder(cfg) + ".npz"
-
-
-#################################################################################
 #                                  Entry points                                 #
 #################################################################################
 
@@ -442,8 +400,5 @@ def to_yaml(cfg):
 
 
 def to_container(cfg):
-    """Plain dict (for checkpoints: loadable with torch.load(weights_only=True))."""
-    return OmegaConf.to_container(cfg, resolve=True)
-
-
-
+    """Plain dict of plain values (for checkpoints: loadable with torch.load(weights_only=True))."""
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)

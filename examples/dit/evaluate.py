@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 
 import config
 from data import center_crop_arr, load_image
+from sample_ddp import sample_folder
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".JPEG", ".PNG", ".JPG")
 
@@ -103,6 +104,11 @@ def fidelity_metrics(samples, reference, extractor, weights=None, batch_size=64)
     }
 
 
+def sample_batch_path(cfg):
+    """The samples to evaluate: eval.sample_batch, else sample_ddp.py's .npz for the same keys."""
+    return cfg.eval.sample_batch if cfg.eval.sample_batch is not None else sample_folder(cfg) + ".npz"
+
+
 def metrics_path(cfg, sample_batch):
     if cfg.eval.metrics_file is not None:
         return cfg.eval.metrics_file
@@ -117,7 +123,7 @@ def main(cfg):
     import digits_classifier
 
     digits_classifier.register()
-    sample_batch = config.sample_batch_path(cfg)
+    sample_batch = sample_batch_path(cfg)
     samples, labels = load_images(sample_batch)
     digits = cfg.data.name == "digits"
     extractor = cfg.eval.feature_extractor or (digits_classifier.NAME if digits else "inception-v3-compat")

@@ -25,6 +25,14 @@ from data import ImageFolderDataset, write_latents_index, write_latents_shard
 SHARD_SIZE = 8192
 
 
+def latents_dir(cfg):
+    """The output folder: general.latents_dir, else <data_path>-latents-<image_size>-<vae>."""
+    if cfg.general.latents_dir is not None:
+        return cfg.general.latents_dir
+    vae = os.path.basename(os.path.normpath(cfg.general.vae))
+    return f"{os.path.normpath(cfg.general.data_path)}-latents-{cfg.general.image_size}-{vae}"
+
+
 @torch.no_grad()
 def encode_moments(vae, x):
     """(B, 3, S, S) images -> (B, 2, 2, C, s, s): [image, flipped image] x [posterior mean, std]."""
@@ -40,7 +48,7 @@ def main(cfg):
     rank, world_size, device = common.setup_distributed(cfg)
     if cfg.data.name != "ImageNet" or cfg.general.data_path is None:
         raise config.ConfigError("extract_latents.py needs data=ImageNet and general.data_path=<an ImageFolder root>")
-    out_dir = config.latents_dir(cfg)
+    out_dir = latents_dir(cfg)
     dataset = ImageFolderDataset(cfg.general.data_path, cfg.general.image_size)
     vae = common.load_vae(cfg, device)
     if rank == 0:

@@ -14,12 +14,14 @@ Two things matter for ``dtr``, which routes this model through forward hooks:
   root module fire on the guided path too.
 """
 
+import functools
 import math
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
 
@@ -72,12 +74,9 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
-        n, t, d = x.shape
-        qkv = self.qkv(x).reshape(n, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)                     # each (N, heads, T, head_dim)
+        q, k, v = rearrange(self.qkv(x), "n t (qkv h d) -> qkv n h t d", qkv=3, h=self.num_heads)
         x = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(head_dim)) v
-        x = x.transpose(1, 2).reshape(n, t, d)
-        return self.proj(x)
+        return self.proj(rearrange(x, "n h t d -> n t (h d)"))
 
 
 class Mlp(nn.Module):
@@ -292,14 +291,11 @@ class DiT(nn.Module):
         """
         x: (N, T, p * p * C) tokens, each laid out (p, p, C) -> imgs: (N, C, H, W).
         """
-        c = self.out_channels
-        p = self.patch_size
         h, w = self.x_embedder.grid_size
         if x.shape[1] != h * w:
             raise ValueError(f"expected {h * w} tokens, got {x.shape[1]}")
-        x = x.reshape(x.shape[0], h, w, p, p, c)
-        x = x.permute(0, 5, 1, 3, 2, 4)  # (N, C, h, p, w, p)
-        return x.reshape(x.shape[0], c, h * p, w * p)
+        p = self.patch_size
+        return rearrange(x, "n (h w) (p q c) -> n c (h p) (w q)", h=h, w=w, p=p, q=p)
 
     def run_block(self, block, x, c):
         """One block, called as a module (forward hooks fire), checkpointed if asked while training."""
@@ -388,57 +384,16 @@ def get_2d_sincos_pos_embed(embed_dim, grid_size):
 #################################################################################
 
 
-def DiT_XL_2(**kwargs):
-    return DiT(depth=28, hidden_size=1152, patch_size=2, num_heads=16, **kwargs)
+def _size(depth, hidden_size, num_heads, patch_size):
+    """DiT with one size fixed: DiT_models[name](input_size=..., num_classes=...); .keywords holds the size."""
+    return functools.partial(DiT, depth=depth, hidden_size=hidden_size, num_heads=num_heads, patch_size=patch_size)
 
 
-def DiT_XL_4(**kwargs):
-    return DiT(depth=28, hidden_size=1152, patch_size=4, num_heads=16, **kwargs)
-
-
-def DiT_XL_8(**kwargs):
-    return DiT(depth=28, hidden_size=1152, patch_size=8, num_heads=16, **kwargs)
-
-
-def DiT_L_2(**kwargs):
-    return DiT(depth=24, hidden_size=1024, patch_size=2, num_heads=16, **kwargs)
-
-
-def DiT_L_4(**kwargs):
-    return DiT(depth=24, hidden_size=1024, patch_size=4, num_heads=16, **kwargs)
-
-
-def DiT_L_8(**kwargs):
-    return DiT(depth=24, hidden_size=1024, patch_size=8, num_heads=16, **kwargs)
-
-
-def DiT_B_2(**kwargs):
-    return DiT(depth=12, hidden_size=768, patch_size=2, num_heads=12, **kwargs)
-
-
-def DiT_B_4(**kwargs):
-    return DiT(depth=12, hidden_size=768, patch_size=4, num_heads=12, **kwargs)
-
-
-def DiT_B_8(**kwargs):
-    return DiT(depth=12, hidden_size=768, patch_size=8, num_heads=12, **kwargs)
-
-
-def DiT_S_2(**kwargs):
-    return DiT(depth=12, hidden_size=384, patch_size=2, num_heads=6, **kwargs)
-
-
-def DiT_S_4(**kwargs):
-    return DiT(depth=12, hidden_size=384, patch_size=4, num_heads=6, **kwargs)
-
-
-def DiT_S_8(**kwargs):
-    return DiT(depth=12, hidden_size=384, patch_size=8, num_heads=6, **kwargs)
-
-
+# facebookresearch/DiT's twelve sizes, and DiT-T (depth 4, width 64): a toy size for CPU runs.
 DiT_models = {
-    "DiT-XL/2": DiT_XL_2, "DiT-XL/4": DiT_XL_4, "DiT-XL/8": DiT_XL_8,
-    "DiT-L/2": DiT_L_2, "DiT-L/4": DiT_L_4, "DiT-L/8": DiT_L_8,
-    "DiT-B/2": DiT_B_2, "DiT-B/4": DiT_B_4, "DiT-B/8": DiT_B_8,
-    "DiT-S/2": DiT_S_2, "DiT-S/4": DiT_S_4, "DiT-S/8": DiT_S_8,
+    "DiT-XL/2": _size(28, 1152, 16, 2), "DiT-XL/4": _size(28, 1152, 16, 4), "DiT-XL/8": _size(28, 1152, 16, 8),
+    "DiT-L/2": _size(24, 1024, 16, 2), "DiT-L/4": _size(24, 1024, 16, 4), "DiT-L/8": _size(24, 1024, 16, 8),
+    "DiT-B/2": _size(12, 768, 12, 2), "DiT-B/4": _size(12, 768, 12, 4), "DiT-B/8": _size(12, 768, 12, 8),
+    "DiT-S/2": _size(12, 384, 6, 2), "DiT-S/4": _size(12, 384, 6, 4), "DiT-S/8": _size(12, 384, 6, 8),
+    "DiT-T/1": _size(4, 64, 4, 1), "DiT-T/2": _size(4, 64, 4, 2), "DiT-T/4": _size(4, 64, 4, 4),
 }

@@ -70,7 +70,7 @@ for row in ${ROWS}; do
     if [ -n "${ADM_EVALUATOR:-}" ]; then
       NPZ=$(python - "${KEYS[@]}" "${EVAL[@]}" <<EOF
 import sys; sys.path.insert(0, "${HERE}")
-import config; print(config.sample_batch_path(config.load(sys.argv[1:])))
+import config, evaluate; print(evaluate.sample_batch_path(config.load(sys.argv[1:])))
 EOF
 )
       if [ -n "${DRY_RUN:-}" ]; then echo "+ python ${ADM_EVALUATOR} ${REF} ${NPZ}"; else

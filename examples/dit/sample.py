@@ -10,31 +10,18 @@ Pass the training keys (or eval.ckpt=<path>). The grid goes to eval.grid, by def
 
 import os
 
-import numpy as np
 import torch
-from PIL import Image
+from torchvision.utils import save_image
 
 import common
 import config
 
 
-def save_grid(images, path, nrow):
-    """(n, H, W, 3) uint8 images as one PNG, nrow images per row, 2-pixel gaps."""
-    n, h, w, _ = images.shape
-    rows = (n + nrow - 1) // nrow
-    pad = 2
-    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, 3), 255, dtype=np.uint8)
-    for i, image in enumerate(images):
-        r, c = divmod(i, nrow)
-        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = image
-    Image.fromarray(grid).save(path)
-
-
 def grid_path(cfg):
     if cfg.eval.grid is not None:
         return cfg.eval.grid
-    ckpt = os.path.splitext(os.path.basename(config.checkpoint_path(cfg)))[0]
-    return os.path.join(cfg.eval.samples_dir, config.model_string(cfg), f"grid-{ckpt}-cfg-{cfg.eval.cfg_scale}.png")
+    ckpt = os.path.splitext(os.path.basename(common.checkpoint_path(cfg)))[0]
+    return os.path.join(cfg.eval.samples_dir, common.model_string(cfg), f"grid-{ckpt}-cfg-{cfg.eval.cfg_scale}.png")
 
 
 @torch.no_grad()
@@ -53,14 +40,14 @@ def main(cfg, per_class=1, upscale=None):
     z = torch.randn(len(labels), channels, size, size, generator=generator, device=device)
     y = torch.tensor(labels, device=device)
     images = common.to_images(common.sample(model, diffusion, z, y, cfg, generator), cfg, vae)
+    images = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255  # (n, 3, H, W) in [0, 1]
     if upscale is None:
-        upscale = max(1, 64 // images.shape[1])  # 8x8 digits become visible 64x64 tiles
-    if upscale > 1:
-        images = images.repeat(upscale, axis=1).repeat(upscale, axis=2)
+        upscale = max(1, 64 // images.shape[-1])  # 8x8 digits become visible 64x64 tiles
+    images = images.repeat_interleave(upscale, dim=-2).repeat_interleave(upscale, dim=-1)
 
     path = grid_path(cfg)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_grid(images, path, nrow=len(cfg.eval.class_labels))
+    save_image(images, path, nrow=len(cfg.eval.class_labels), padding=2, pad_value=1.0)  # white 2-pixel gaps
     print(f"Saved {len(labels)} samples to {path}")
     return path
 

@@ -24,6 +24,18 @@ import common
 import config
 
 
+def sample_folder(cfg):
+    """{samples_dir}/{model}/{ckpt}-size-{S}-vae-{vae}-samples-{N}-cfg-{scale}-seed-{seed}; the .npz goes beside it."""
+    e, g = cfg.eval, cfg.general
+    ckpt = os.path.splitext(os.path.basename(e.ckpt))[0] if e.ckpt is not None else f"{e.ckpt_path.iterations:07d}"
+    vae = "none" if cfg.data.name == "digits" else os.path.basename(os.path.normpath(g.vae))
+    name = f"{ckpt}-size-{g.image_size}-vae-{vae}-samples-{e.num_fid_samples}"
+    if cfg.data.num_classes > 1:
+        name += f"-cfg-{e.cfg_scale}"
+    name += f"-seed-{g.global_seed}"
+    return os.path.join(e.samples_dir, common.model_string(cfg), name)
+
+
 def assemble_npz(folder, world_size, num_samples):
     """Merge the per-rank parts into {folder}.npz (arr_0 images in sample order, arr_1 labels); remove the parts."""
     parts = [np.load(os.path.join(folder, f"part-{r:05d}-of-{world_size:05d}.npz")) for r in range(world_size)]
@@ -60,7 +72,7 @@ def main(cfg):
     vae = common.load_vae(cfg, device) if cfg.data.name != "digits" else None
     channels, size = config.in_channels(cfg), config.input_size(cfg)
 
-    folder = config.sample_folder(cfg)
+    folder = sample_folder(cfg)
     if rank == 0:
         os.makedirs(folder, exist_ok=True)
         logger.info(f"Sampling {cfg.eval.num_fid_samples} images into {folder}.npz")
