@@ -31,7 +31,10 @@ class Call:
     def __init__(self, outer: "Call | None", tasks: torch.Tensor | None = None):
         self.outer = outer  # the call this one runs inside (same thread), or None
         self.tasks = tasks  # (B,) or 0-d long task indices; None until the timestep is read
-        self.masks: dict = {}  # (width, dtype, device, block) -> (mask, 1 - mask), eager mode only
+        self.masks: dict = {}  # (width, dtype, device, block) -> (mask, 1 - mask), built once per call
+        # A call made inside a compiled graph lives only in the trace, so caching in it costs no guard;
+        # a real call read by a compiled block (regional compilation) must not be written by the graph.
+        self.traced = is_compiling()
 
 
 class CallStack:

@@ -104,7 +104,8 @@ class Routing:
     def mask(self, call, unit: RoutedModule, like: torch.Tensor, axis: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
         """(mask, 1 - mask) of ``call``'s tasks at the width of ``like``'s ``axis``: (B, C), or (1, C) for one timestep.
 
-        In ``like``'s dtype and device, built once per call and width (eager) or inline (compiled).
+        In ``like``'s dtype and device, built once per call and width (inline in the blocks of a
+        regional compilation, which must not write into the eager call they read).
         """
         tasks, channels, batch = call.tasks, like.shape[axis], like.shape[0]
         if tasks.ndim == 1 and tasks.shape[0] not in (1, batch):  # (1,) broadcasts, as diffusers models do
@@ -114,8 +115,8 @@ class Routing:
             )
         random = self.method == "random"
         key = (channels, like.dtype, like.device, unit.index if random else -1)
-        compiling = is_compiling()
-        if not compiling and key in call.masks:
+        cache = not is_compiling() or call.traced
+        if cache and key in call.masks:
             return call.masks[key]
         c_b = active_channels(channels, self.sharing_ratio)
         flat = tasks.to(like.device).reshape(-1)
@@ -125,7 +126,7 @@ class Routing:
             rows = window_rows(self._window_starts(channels, like.device)[flat], channels, c_b)
         m = rows.to(like.dtype)
         pair = (m, 1 - m)
-        if not compiling:
+        if cache:
             call.masks[key] = pair
         return pair
 
