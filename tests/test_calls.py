@@ -4,6 +4,7 @@ fused residual backward, each checked against the routing formula written out by
 import copy
 import sys
 import threading
+import weakref
 
 import pytest
 import torch
@@ -356,3 +357,46 @@ def test_no_grad_add_back_never_writes_into_a_view_the_block_returns():
     m = dtr.task_masks(T, 8, 0.5)[t].float()[:, None, :]
     torch.testing.assert_close(out, 2 * m * x + (1 - m) * x, rtol=0, atol=1e-6)
     torch.testing.assert_close(model.blocks[0].store, 2 * m * x, rtol=0, atol=0)
+
+
+class Rebinding(nn.Module):
+    """A DiT-like block that rebinds its input (x = x + F(x)) and records whether the input is still alive."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.input_alive_after_rebind = None
+
+    def forward(self, x, scale):
+        ref = weakref.ref(x)
+        x = x + scale * self.lin(x)
+        self.input_alive_after_rebind = ref() is not None
+        return x
+
+
+class RebindingModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([Rebinding(), Rebinding()])
+
+    def forward(self, x, t):
+        for b in self.blocks:
+            x = b(x, 0.5)
+        return x
+
+
+def test_no_grad_masked_input_is_freed_as_soon_as_the_block_drops_it():
+    """Under no_grad routing keeps no reference to the masked copy m * x: no peak memory beyond the model's."""
+    torch.manual_seed(0)
+    model = RebindingModel()
+    plain = copy.deepcopy(model)
+    dtr.wrap(model, sharing_ratio=0.5, blocks=r"blocks\.\d+")
+    x, t = torch.randn(2, 3, 8), torch.tensor([0, 999])
+    with torch.no_grad():
+        out = model(x, t)
+    assert [b.input_alive_after_rebind for b in model.blocks] == [False, False]
+    m = dtr.task_masks(T, 8, 0.5)[t].float()[:, None, :]
+    h = x
+    for b in plain.blocks:
+        h = Rebinding.forward(b, m * h, 0.5) + (1 - m) * h
+    torch.testing.assert_close(out, h, rtol=0, atol=1e-6)

@@ -71,42 +71,40 @@ class _RouteOut(torch.autograd.Function):
         return g, g, None
 
 
-def _addable_in_place(out: torch.Tensor, x: torch.Tensor) -> bool:
-    """True if ``out += (1 - m) * x`` in place gives exactly what the out-of-place add would."""
-    return (
-        type(out) is torch.Tensor
-        and out._base is None  # the block's own fresh output, not a view into something else
-        and out.shape == x.shape
-        and out.dtype == torch.result_type(out, x)
-        and out.device == x.device
-    )
-
-
 def _residual(module: nn.Module, unit, call, x: torch.Tensor, args: tuple, kwargs: dict):
     """block(m * x) + (1 - m) * x, each sample masked by its own task."""
     m, inactive = unit.routing.mask(call, unit, x)
     shape = (m.shape[0], *([1] * (x.ndim - 2)), m.shape[1])
     m, inactive = m.view(shape), inactive.view(shape)
     base = type(module)._dtr_base.forward
-
-    def run(z):  # the block itself, on the masked input
-        a, k = replace_input(args, kwargs, z)
-        return base(module, *a, **k)
-
     if is_compiling():  # inductor fuses the mask into neighbouring kernels and derives the backward itself
-        output = run(x * m)
+        output = _call_with_input(base, module, [x * m], args, kwargs)
         return _with_first(output, lambda out: torch.addcmul(_same_shape(unit, x, out), x, inactive))
     if torch.is_grad_enabled():
         z, x_res = _RouteIn.apply(x, m)
-        output = run(z)
+        output = _call_with_input(base, module, [z], args, kwargs)
         return _with_first(output, lambda out: _RouteOut.apply(_same_shape(unit, x, out), x_res, inactive))
-    output = run(x * m)  # no_grad: no graph, no extra allocation
+    output = _call_with_input(base, module, [x * m], args, kwargs)  # no_grad: no autograd graph
+    return _with_first(output, lambda out: torch.addcmul(_same_shape(unit, x, out), x, inactive))
 
-    def add_back(out):
-        out = _same_shape(unit, x, out)
-        return out.addcmul_(x, inactive) if _addable_in_place(out, x) else torch.addcmul(out, x, inactive)
 
-    return _with_first(output, add_back)
+def _call_with_input(base, module: nn.Module, box: list, args: tuple, kwargs: dict):
+    """``base(module, *args, **kwargs)`` with the main input replaced by the tensor in ``box``.
+
+    A plain positional call hands the masked input over to the block without keeping a reference,
+    so a block that rebinds its input (``x = x + ...``, as DiT's does) frees it early: under no_grad
+    the masked copy costs no peak memory.  Calls with keywords keep it alive until the block returns.
+    """
+    if args and isinstance(args[0], torch.Tensor) and not kwargs:
+        rest = args[1:]
+        if len(rest) == 0:
+            return base(module, box.pop())
+        if len(rest) == 1:
+            return base(module, box.pop(), rest[0])
+        if len(rest) == 2:
+            return base(module, box.pop(), rest[0], rest[1])
+    a, k = replace_input(args, kwargs, box.pop())
+    return base(module, *a, **k)
 
 
 def _same_shape(unit, x: torch.Tensor, out: Any) -> torch.Tensor:
@@ -132,10 +130,7 @@ def _gate(module: nn.Module, unit, call, x: torch.Tensor | None, args: tuple, kw
         if not isinstance(out, torch.Tensor) or out.ndim < 2:
             raise ValueError(f"dtr: gate placement needs a tensor output with channels on axis 1 from {unit.name!r}")
         m, _ = unit.routing.mask(call, unit, out, axis=1)
-        m = m.view(*m.shape, *([1] * (out.ndim - 2)))
-        if not is_compiling() and not torch.is_grad_enabled() and type(out) is torch.Tensor and out._base is None:
-            return out.mul_(m)
-        return out * m
+        return out * m.view(*m.shape, *([1] * (out.ndim - 2)))
 
     return _with_first(output, gate)
 
