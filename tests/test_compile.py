@@ -1,6 +1,8 @@
 """torch.compile (inductor, CPU): a compiled routed model computes what eager computes, whatever was compiled
 before it in the process, after unwrap and rewrap, compiled whole or block by block, with no graph break."""
 
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -199,3 +201,16 @@ def test_compiled_model_called_from_two_threads():
     for p in pool:
         p.join()
     assert wrong == [0, 0]
+
+
+def test_our_assume_constant_result_marks_functions_as_torch_does():
+    """_compat sets torch's marker itself so that `import dtr` does not import TorchDynamo: the two must agree."""
+    code = ("import sys, dtr; assert 'torch._dynamo' not in sys.modules, 'import dtr imported TorchDynamo'\n"
+            "import torch.compiler\n"
+            "from dtr._compat import assume_constant_result\n"
+            "def ours(): pass\n"
+            "def theirs(): pass\n"
+            "assume_constant_result(ours)  # TorchDynamo not imported: our branch\n"
+            "torch.compiler.assume_constant_result(theirs)  # imports TorchDynamo\n"
+            "assert vars(theirs) and vars(ours) == vars(theirs), (vars(ours), vars(theirs))\n")
+    subprocess.run([sys.executable, "-c", code], check=True)

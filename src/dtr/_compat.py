@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
+import torch.compiler
 
 try:  # torch >= 2.3
     from torch.compiler import is_compiling
 except ImportError:  # torch 2.1-2.2
     from torch._dynamo import is_compiling  # type: ignore[no-redef]
 
-try:  # torch >= 2.1
-    from torch.compiler import assume_constant_result
-except ImportError:
-    from torch._dynamo import assume_constant_result  # type: ignore[no-redef]
+
+def assume_constant_result(fn):
+    """``torch.compiler.assume_constant_result`` without importing TorchDynamo at ``import dtr`` (1-2 s).
+
+    The public API imports ``torch._dynamo`` and then only sets this marker on ``fn`` (torch 2.1 through 2.14);
+    tests/test_compile.py checks that the two agree, so a torch that changes the marker fails a test, not a user.
+    """
+    if "torch._dynamo" in sys.modules:
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True
+    return fn
+
 
 __all__ = ["assume_constant_result", "is_compiling"]
