@@ -15,6 +15,17 @@ if EXAMPLES_DIT not in sys.path:
 # Two cores: keep intra-op threads fixed so timings and results do not depend on the host.
 torch.set_num_threads(1)
 
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` are deselected, not skipped, without a GPU: a CPU run neither runs nor counts them."""
+    if torch.cuda.is_available():
+        return
+    cuda = [item for item in items if item.get_closest_marker("cuda")]
+    if cuda:
+        config.hook.pytest_deselected(items=cuda)
+        items[:] = [item for item in items if not item.get_closest_marker("cuda")]
+
+
 # A diffusers AutoencoderKL config small enough for CPU tests (built from config: no download).
 TINY_VAE = {
     "_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3,

@@ -94,14 +94,94 @@ def test_memory_table_closed_forms():
     assert row["naive_added_checkpoint_file"] >= 12 * 1000 * 384 * 4
 
 
-def test_gpu_throughput_script_runs_on_cpu():
-    # the GPU script cannot run here; its CPU smoke mode keeps it from rotting between lent devices
+def run_overhead(*args):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_throughput.py"), "--device", "cpu",
-                          "--models", "DiT-S/8", "--batch", "2", "--steps", "1", "--warmup", "1", "--no-compile"],
-                         capture_output=True, text=True, timeout=300, check=True).stdout
-    row = next(line for line in out.splitlines() if line.startswith("| DiT-S/8 |"))
-    cells = [c.strip() for c in row.strip("|").split("|")]
-    assert len(cells) == 7 and all(float(c) > 0 for c in cells[1:])
+    return subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "overhead.py"), "--model", "DiT-S/8",
+                           "--batch", "2", "--threads", "1", "--warmup", "0", *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_a_variant_that_does_not_route_is_refused_before_timing():
+    r = run_overhead("--rounds", "1", "--inject-mismatch")
+    assert r.returncode == 3 and "|" not in r.stdout
+    assert "refusing to report: dtr.wrap: timed step differs from its eager reference" in r.stderr
+
+
+def test_verification_rejects_a_compiled_graph_of_another_model():
+    """What TorchDynamo did to the hook-based router before Router v2: the routed model ran the unrouted graph."""
+    import torch
+    from test_wrap import inputs, tiny_dit
+
+    import dtr
+
+    base = tiny_dit()
+    routed = dtr.wrap(copy_of(base)).model
+    x, t, y = inputs()
+    refs = {"unwrapped": base(x, t, y).detach(), "dtr.wrap": routed(x, t, y).detach()}
+    compiled_wrong = torch.compile(base, backend="eager")(x, t, y)
+    with pytest.raises(overhead.VerificationError, match="dtr.wrap: timed step differs"):
+        overhead.verify({"unwrapped": refs["unwrapped"], "dtr.wrap": compiled_wrong}, refs, torch.float32)
+    overhead.verify(dict(refs), refs, torch.float32)  # and passes what is right
+
+
+def copy_of(model):
+    import copy
+
+    return copy.deepcopy(model)
+
+
+@pytest.mark.parametrize("mode", ["train", "sample"])
+def test_profile_counts_the_passes_each_router_adds_per_block(mode):
+    """Closed forms, fp32, per element of the (B, N, C) stream (+ a mask read of 4/N bytes per op, N = 16 here):
+    dtr.wrap: mul (8 B) + addcmul (12 B) forward, one lerp (12 B) backward; the paper-style (and pre-v2) router:
+    mul, mul, add (8 + 8 + 12 B) forward and the same three backward."""
+    r = run_overhead("--profile", "--mode", mode, "--json", "/dev/stdout")
+    assert r.returncode == 0, r.stderr[-2000:]
+    prof = json.loads(r.stdout[r.stdout.index("{"):])["profile"]
+    ours, paper = prof["dtr.wrap"], prof["paper-style"]
+    first = "forward" if mode == "train" else "sampling call"
+    assert ours[first]["ops_per_block"] == {"addcmul": 1, "mul": 1}
+    assert ours[first]["bytes_per_element_per_block"] == pytest.approx(20, abs=0.6)
+    assert paper[first]["ops_per_block"] == {"add": 1, "mul": 2}
+    assert paper[first]["bytes_per_element_per_block"] == pytest.approx(28, abs=0.6)
+    if mode == "train":
+        assert ours["backward"]["ops_per_block"] == {"lerp": 1}
+        assert ours["backward"]["bytes_per_element_per_block"] == pytest.approx(12, abs=0.6)
+        assert paper["backward"]["bytes_per_element_per_block"] == pytest.approx(28, abs=0.6)
+    else:
+        assert "backward" not in ours
+
+
+def test_gpu_suite_smoke_keeps_what_it_measured_within_its_deadline(tmp_path):
+    """The GPU suite cannot run here; its CPU smoke mode checks the parts, the incremental report, the deadline."""
+    import subprocess
+    import sys
+
+    suite = os.path.join(ROOT, "benchmarks", "gpu_suite.py")
+    r = subprocess.run([sys.executable, suite, "--smoke", "--deadline", "40", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    report = json.loads((tmp_path / "gpu.json").read_text())
+    statuses = [p["status"] for p in report["parts"]]
+    assert len(statuses) == 7 and set(statuses) <= {"ok", "not run (deadline)", "timed out", "no tests collected"}, statuses
+    assert r.returncode == (0 if set(statuses) <= {"ok", "no tests collected"} else 1)
+    first = report["parts"][0]["result"]
+    assert statuses[0] == "ok" and first["verified"] and set(first["ratios"]) == {"unwrapped", "dtr.wrap", "paper-style"}
+    assert "| DiT-S/8 eager train step | ok |" in (tmp_path / "gpu.md").read_text()
+    # nothing fits a 5 s deadline: every part is listed as not run, and the files are still written
+    r = subprocess.run([sys.executable, suite, "--smoke", "--deadline", "5", "--out", str(tmp_path / "short")],
+                       capture_output=True, text=True, timeout=120)
+    short = json.loads((tmp_path / "short" / "gpu.json").read_text())
+    assert r.returncode == 1 and {p["status"] for p in short["parts"]} == {"not run (deadline)"}
+
+
+def test_gpu_suite_resume_part_is_bit_identical_on_the_cpu(tmp_path):
+    """The suite's torchrun train -> resume check, run for real on the CPU (gloo)."""
+    spec = gpu_suite.parts(smoke=True)[5][2]
+    with open(tmp_path / "log", "w") as log:
+        rc, result = gpu_suite.run_resume(spec, 280, log)
+    assert rc == 0 and result["bit_identical"] and result["steps"] == 4, (tmp_path / "log").read_text()[-3000:]
+
+
+gpu_suite = load("gpu_suite")
