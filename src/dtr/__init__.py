@@ -11,6 +11,7 @@ from .adapters import register_adapter
 from .api import routing_of, unwrap, wrap
 from .masks import active_channels, task_masks, timesteps_to_tasks, window_starts
 from .paper import convert_paper_state_dict
+from .pretrained import from_pretrained, save_pretrained, wrap_from_config
 from .routing import Routing, RoutingSpec
 
 __all__ = [
@@ -26,4 +27,7 @@ __all__ = [
     "Routing",
     "RoutingSpec",
     "convert_paper_state_dict",
+    "save_pretrained",
+    "from_pretrained",
+    "wrap_from_config",
 ]

@@ -229,7 +229,18 @@ def routed_class(base: type, role: str) -> type:
     forward.__doc__, forward.__wrapped__ = template.__doc__, base.forward
     namespace = {"forward": forward, "__reduce_ex__": _reduce_routed, "_dtr_base": base, "_dtr_role": role,
                  "__module__": base.__module__, "__qualname__": base.__qualname__, "__doc__": base.__doc__}
+    if role == "call" and callable(getattr(base, "save_pretrained", None)):
+        namespace["save_pretrained"] = _save_pretrained
     return type(base.__name__, (base,), namespace)
+
+
+def _save_pretrained(self, save_directory, *args, **kwargs):
+    """The model class's own save_pretrained, then ``dtr_config.json``: a routed model saves its routing too."""
+    type(self)._dtr_base.save_pretrained(self, save_directory, *args, **kwargs)
+    if getattr(self, "_dtr_unit", None) is not None and kwargs.get("is_main_process", True):
+        from .pretrained import write_config  # pretrained imports api, which imports this module
+
+        write_config(self, save_directory)
 
 
 def _reduce_routed(self, protocol: int):
