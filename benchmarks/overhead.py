@@ -9,6 +9,7 @@ divided by the unwrapped model's time in the same round.
 """
 
 import argparse
+import contextlib
 import copy
 import io
 import json
@@ -24,7 +25,7 @@ import torch
 import torch._dynamo
 import torch._inductor.config
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples", "dit"))
 import dtr  # noqa: E402
@@ -79,7 +80,8 @@ def make_step(model, mode, x, t, y, compile="eager", dtype=torch.float32):
     compile: "eager"; "full" (torch.compile of the module, or of the bound forward_with_cfg for sampling);
     "regional" (each DiT block compiled in place, as diffusers' compile_repeated_blocks does).
     """
-    autocast = torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32)
+    # (torch < 2.2 refuses an fp32 autocast even when disabled: no context at all for fp32)
+    autocast = contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(x.device.type, dtype=dtype)
     if compile != "eager":
         # The paper-style router is hook-based, and TorchDynamo does not guard on hooks by default: without
         # this, its compiled step reuses the unwrapped model's graph (verify() catches that). Eager RNG in
@@ -216,8 +218,8 @@ class OpLog(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        ins = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
-        outs = [o for o in tree_leaves(out) if isinstance(o, torch.Tensor)]
+        ins = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+        outs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
         aliased = {a.untyped_storage().data_ptr() for a in ins}
         if outs and all(o.untyped_storage().data_ptr() in aliased for o in outs):
             return out  # a view: no data moved

@@ -394,7 +394,9 @@ def test_no_grad_masked_input_is_freed_as_soon_as_the_block_drops_it():
     x, t = torch.randn(2, 3, 8), torch.tensor([0, 999])
     with torch.no_grad():
         out = model(x, t)
-    assert [b.input_alive_after_rebind for b in model.blocks] == [False, False]
+    # CPython < 3.11 keeps a call's arguments on the caller's stack until it returns: nothing can free them early
+    alive = sys.version_info < (3, 11)
+    assert [b.input_alive_after_rebind for b in model.blocks] == [alive, alive]
     m = dtr.task_masks(T, 8, 0.5)[t].float()[:, None, :]
     h = x
     for b in plain.blocks:

@@ -1,5 +1,6 @@
 """Pieces train.py, sample.py, sample_ddp.py and extract_latents.py share: processes, models, VAE, sampling."""
 
+import inspect
 import logging
 import os
 import warnings
@@ -34,7 +35,9 @@ def setup_distributed(cfg):
     else:
         device = torch.device("cpu")
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+        # device_id (torch >= 2.3) binds NCCL to this rank's GPU at once instead of at the first collective
+        bind = use_cuda and "device_id" in inspect.signature(dist.init_process_group).parameters
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", **({"device_id": device} if bind else {}))
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), device
     return 0, 1, device
@@ -187,12 +190,15 @@ def load_checkpoint(path, mmap=False):
             "(or eval.ckpt_path.version / eval.ckpt_path.iterations; general.resume for train.py)"
         )
     try:
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-        except RuntimeError:
-            if not mmap:
-                raise
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)  # an old (non-zip) file cannot be mapped
+        with warnings.catch_warnings():
+            # torch < 2.4 warns about its own TypedStorage while loading: not the user's business
+            warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
+            try:
+                ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError:
+                if not mmap:
+                    raise
+                ckpt = torch.load(path, map_location="cpu", weights_only=True)  # an old (non-zip) file cannot be mapped
     except Exception as err:  # torch.load raises many types: RuntimeError, EOFError, UnpicklingError, ...
         reason = str(err).strip().splitlines()[0] if str(err).strip() else "the file ends early"
         raise config.ConfigError(

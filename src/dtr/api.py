@@ -34,11 +34,13 @@ def wrap(
     timestep_module: str | None = None,
     timestep_arg: int | str | tuple | None = None,
     timestep_kind: str | None = None,
+    channel_axis: int | None = None,
 ) -> Routing:
     """Route ``model`` in place by each sample's timestep; returns the handle (``.remove()``).
 
     With no other argument the adapter for the model's family chooses the modules and the
     timestep location; ``blocks``/``placement``/``timestep_*`` override it or route any model.
+    ``channel_axis`` is the axis the mask acts on (default: last for residual, 1 for gate placement).
     """
     sharing_ratio = check_sharing_ratio(sharing_ratio)
     alpha = check_alpha(alpha)
@@ -49,6 +51,10 @@ def wrap(
         check_choice(placement, "placement", PLACEMENTS)
     if timestep_kind is not None:
         check_choice(timestep_kind, "timestep_kind", TIMESTEP_KINDS)
+    if channel_axis is not None:
+        channel_axis = check_int(channel_axis, "channel_axis")
+        if channel_axis == 0:
+            raise ValueError("channel_axis must not be 0 (the batch axis); use 1 for channels-first, -1 for channels-last")
     model = _check_model(model)
 
     spec = find_adapter(model)
@@ -57,11 +63,17 @@ def wrap(
             raise ValueError(f"dtr.wrap does not know where to route a {type(model).__name__}: {_HOW_TO}")
         spec = RoutingSpec(blocks=(), placement=placement or "residual")
     overrides = dict(placement=placement, timestep_module=timestep_module, timestep_arg=timestep_arg,
-                     timestep_kind=timestep_kind)
+                     timestep_kind=timestep_kind, channel_axis=channel_axis)
     spec = dataclasses.replace(spec, **{k: v for k, v in overrides.items() if v is not None})
     if blocks is not None:
         adapter = "custom" if spec.adapter == "custom" else f"{spec.adapter}, custom blocks"
         spec = dataclasses.replace(spec, blocks=select_modules(model, blocks), adapter=adapter)
+    if spec.timestep_kind is None:
+        raise ValueError(
+            f"dtr.wrap cannot tell what this {type(model).__name__}'s timestep means (a Fourier time embedding takes "
+            "a noise level sigma, not a step index): convert sigma to a step index or to [0, 1] yourself and pass "
+            f"timestep_kind= (one of {', '.join(map(repr, TIMESTEP_KINDS))}) and, for indices, num_tasks="
+        )
     modules = dict(model.named_modules())
     if spec.timestep_module not in modules:
         raise ValueError(f"timestep_module {spec.timestep_module!r} is not a module of {type(model).__name__}")

@@ -73,8 +73,17 @@ class _RouteOut(torch.autograd.Function):
 
 def _residual(module: nn.Module, unit, call, x: torch.Tensor, args: tuple, kwargs: dict):
     """block(m * x) + (1 - m) * x, each sample masked by its own task."""
-    m, inactive = unit.routing.mask(call, unit, x)
-    shape = (m.shape[0], *([1] * (x.ndim - 2)), m.shape[1])
+    axis = _channel_axis(unit, x, default=-1)
+    if unit.width is not None and x.shape[axis] != unit.width and unit.width in x.shape[1:axis]:
+        # the module's declared width on an inner axis: a channels-first block, which the mask would cut across
+        raise ValueError(
+            f"dtr: residual placement masks the last axis of {unit.name!r}'s input {tuple(x.shape)}, of size "
+            f"{x.shape[axis]}, but the module's width {unit.width} is an inner axis: for a channels-first block "
+            "pass channel_axis=1 to dtr.wrap (or channel_axis=-1 if the last axis is the right one)"
+        )
+    m, inactive = unit.routing.mask(call, unit, x, axis=axis)
+    shape = [1] * x.ndim
+    shape[0], shape[axis] = m.shape
     m, inactive = m.view(shape), inactive.view(shape)
     base = type(module)._dtr_base.forward
     if is_compiling():  # inductor fuses the mask into neighbouring kernels and derives the backward itself
@@ -86,6 +95,16 @@ def _residual(module: nn.Module, unit, call, x: torch.Tensor, args: tuple, kwarg
         return _with_first(output, lambda out: _RouteOut.apply(_same_shape(unit, x, out), x_res, inactive))
     output = _call_with_input(base, module, [x * m], args, kwargs)  # no_grad: no autograd graph
     return _with_first(output, lambda out: torch.addcmul(_same_shape(unit, x, out), x, inactive))
+
+
+def _channel_axis(unit, x: torch.Tensor, default: int) -> int:
+    """The non-negative axis of ``x`` the mask acts on: wrap's channel_axis, else the placement's default."""
+    axis = unit.routing.spec.channel_axis
+    axis = default if axis is None else axis
+    if not -x.ndim < axis < x.ndim or axis % x.ndim == 0:
+        raise ValueError(f"dtr: channel_axis={axis} is not a channel axis of {unit.name!r}'s {x.ndim}-d tensor "
+                         f"{tuple(x.shape)} (allowed: 1 to {x.ndim - 1}, or -1 to {1 - x.ndim})")
+    return axis % x.ndim
 
 
 def _call_with_input(base, module: nn.Module, box: list, args: tuple, kwargs: dict):
@@ -129,8 +148,11 @@ def _gate(module: nn.Module, unit, call, x: torch.Tensor | None, args: tuple, kw
     def gate(out):
         if not isinstance(out, torch.Tensor) or out.ndim < 2:
             raise ValueError(f"dtr: gate placement needs a tensor output with channels on axis 1 from {unit.name!r}")
-        m, _ = unit.routing.mask(call, unit, out, axis=1)
-        return out * m.view(*m.shape, *([1] * (out.ndim - 2)))
+        axis = _channel_axis(unit, out, default=1)
+        m, _ = unit.routing.mask(call, unit, out, axis=axis)
+        shape = [1] * out.ndim
+        shape[0], shape[axis] = m.shape
+        return out * m.view(shape)
 
     return _with_first(output, gate)
 

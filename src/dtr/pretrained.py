@@ -80,7 +80,8 @@ def wrap_from_config(model: nn.Module, config: dict):
     return wrap(model, config["sharing_ratio"], alpha=config["alpha"], method=config["method"],
                 num_tasks=config["num_tasks"], seed=config["seed"], blocks=blocks and list(blocks),
                 placement=config["placement"], timestep_module=config["timestep_module"],
-                timestep_arg=tuple(config["timestep_arg"]), timestep_kind=config["timestep_kind"])
+                timestep_arg=tuple(config["timestep_arg"]), timestep_kind=config["timestep_kind"],
+                channel_axis=config.get("channel_axis"))
 
 
 def from_pretrained(model_class: type, folder: str, **kwargs: Any) -> nn.Module:

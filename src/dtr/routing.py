@@ -44,8 +44,10 @@ class RoutingSpec:
     placement: str  # "residual" (y = F(m*x) + (1-m)*x, channels last) | "gate" (m * module(x), channels on axis 1)
     timestep_module: str = ""  # dotted name of the module whose call receives the timestep, "" = the model
     timestep_arg: int | str | tuple = DEFAULT_TIMESTEP_ARG  # positional index or keyword, tried in order
-    timestep_kind: str = "index"  # "index" (DDPM steps) | "unit" (t in [0, 1], 0 = data) | "unit_reversed"
+    timestep_kind: str | None = "index"  # "index" (DDPM steps) | "unit" (t in [0, 1], 0 = data) | "unit_reversed"
+    # (None: the adapter cannot tell what the timestep means; wrap asks for timestep_kind=)
     adapter: str = "custom"
+    channel_axis: int | None = None  # the axis the mask acts on; None: the placement's (residual -1, gate 1)
 
 
 @dataclass(eq=False)
@@ -57,6 +59,7 @@ class RoutedModule:
     placement: str
     index: int
     routing: "Routing" = field(repr=False)
+    width: int | None = None  # the module's declared width, checked against its input (residual, default axis)
 
 
 class Routing:
@@ -81,7 +84,9 @@ class Routing:
         self.replay = Replay()
         self._starts: dict = {}  # (width, device) -> window starts, int32, one per width and device
         modules = dict(model.named_modules())
-        self.routed = [RoutedModule(n, modules[n], spec.placement, i, self) for i, n in enumerate(spec.blocks)]
+        check_width = spec.placement == "residual" and spec.channel_axis is None
+        self.routed = [RoutedModule(n, modules[n], spec.placement, i, self, _width(modules[n]) if check_width else None)
+                       for i, n in enumerate(spec.blocks)]
         self._units = [RoutedModule("", model, "call", -1, self), *self.routed]
         if spec.timestep_module:
             self._units.append(RoutedModule(spec.timestep_module, modules[spec.timestep_module], "capture", -1, self))

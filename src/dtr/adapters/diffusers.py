@@ -42,12 +42,14 @@ def diffusers_unet_spec(model: nn.Module) -> RoutingSpec | None:
     """diffusers ``UNet2DModel`` and ``UNet2DConditionModel``: gate every routed norm's output on channel axis 1."""
     if not _is(model, *UNETS):
         return None
+    # score-SDE UNets (Fourier time embedding) take a noise level sigma, not a step index: the kind is the user's
+    fourier = getattr(getattr(model, "config", None), "time_embedding_type", "positional") == "fourier"
     return RoutingSpec(
         blocks=tuple(unet_gate_modules(model)),
         placement="gate",
         timestep_module="",
         timestep_arg=(1, "timestep"),
-        timestep_kind="index",
+        timestep_kind=None if fourier else "index",
         adapter=f"diffusers {type(model).__name__}",
     )
 

@@ -1,0 +1,116 @@
+"""No silent misrouting: channels-first input to a residual block, score-SDE timesteps, bad channel_axis; and the
+command line's help, exit codes and output folders."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers import UNet2DModel
+from torch import nn
+
+import dtr
+
+T = 1000
+
+
+class ConvResidual(nn.Module):
+    """A channels-first residual block, y = x + conv(x), on (B, C, H, W)."""
+
+    def __init__(self, channels=16):
+        super().__init__()
+        self.out_channels = channels
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv(x)
+
+
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([ConvResidual(), ConvResidual()])
+
+    def forward(self, x, t):
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+def test_channels_first_residual_input_is_refused_and_channel_axis_routes_the_channels():
+    torch.manual_seed(0)
+    model = ConvNet()
+    x, t = torch.randn(2, 16, 12, 12), torch.tensor([0, 999])
+    dtr.wrap(model, blocks=r"blocks\.\d", sharing_ratio=0.5)
+    with pytest.raises(ValueError, match=r"masks the last axis of 'blocks.0'.*of size 12.*width 16 is an inner axis.*channel_axis=1"):
+        model(x, t)
+    dtr.unwrap(model)
+    plain = [b.forward for b in model.blocks]
+    dtr.wrap(model, blocks=r"blocks\.\d", sharing_ratio=0.5, channel_axis=1)
+    m = dtr.task_masks(T, 16, 0.5)[t].float()[:, :, None, None]  # (B, C, 1, 1): per channel, all pixels
+    h = x
+    for f in plain:
+        h = f(m * h) + (1 - m) * h
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t), h, rtol=0, atol=1e-6)
+    assert dtr.routing_of(model).config["channel_axis"] == 1
+
+
+@pytest.mark.parametrize("axis", [0, 4, -5])
+def test_channel_axis_outside_the_tensor_or_the_batch_axis_is_refused(axis):
+    model = ConvNet()
+    x, t = torch.randn(2, 16, 12, 12), torch.tensor([0, 999])
+    if axis == 0:
+        with pytest.raises(ValueError, match="channel_axis must not be 0"):
+            dtr.wrap(model, blocks=r"blocks\.\d", channel_axis=0)
+        return
+    dtr.wrap(model, blocks=r"blocks\.\d", channel_axis=axis)
+    with pytest.raises(ValueError, match=rf"channel_axis={axis} is not a channel axis .* \(allowed: 1 to 3, or -1 to -3\)"):
+        model(x, t)
+
+
+def test_a_score_sde_unet_is_not_routed_until_its_timestep_kind_is_given():
+    model = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                        norm_num_groups=4, time_embedding_type="fourier")
+    with pytest.raises(ValueError, match="Fourier time embedding takes a noise level sigma.*timestep_kind=.*num_tasks="):
+        dtr.wrap(model)
+    dtr.wrap(model, timestep_kind="unit")
+    x = torch.randn(2, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"timesteps must be in \[0, 1\]"):
+        model(x, torch.tensor([0.5, 50.0]))  # a sigma of 50 is not silently task 50
+
+
+def test_timesteps_beyond_num_tasks_say_which_argument_to_change():
+    model = ConvNet()
+    dtr.wrap(model, blocks=r"blocks\.\d", channel_axis=1)
+    with pytest.raises(ValueError, match="num_tasks="):
+        model(torch.randn(2, 16, 4, 4), torch.tensor([0, 1500]))
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "dtr", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_cli_help_explains_every_option_without_markup():
+    r = cli("masks", "--help")
+    assert r.returncode == 0 and "``" not in r.stdout
+    for option in ("--channels", "--sharing-ratio", "--alpha", "--num-tasks", "--method", "--seed", "--out"):
+        line = next(i for i, s in enumerate(r.stdout.splitlines()) if s.strip().startswith(option))
+        assert len(" ".join(r.stdout.splitlines()[line:line + 2]).split()) > 3, option  # an option with words after it
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--sharing-ratio", "1.5"], "sharing_ratio must be in (0, 1], got 1.5"),
+    (["--channels", "0"], "channels"),
+    (["--alpha", "-1"], "alpha"),
+])
+def test_cli_bad_values_exit_2_with_one_line(tmp_path, args, message):
+    r = cli("masks", *args, "--out", str(tmp_path / "m.png"))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr
+
+
+def test_cli_creates_missing_folders(tmp_path):
+    out = tmp_path / "a" / "b" / "m.png"
+    r = cli("masks", "--channels", "64", "--sharing-ratio", "0.5", "--out", str(out))
+    assert r.returncode == 0 and out.stat().st_size > 0 and "32 active per task" in r.stdout
