@@ -171,6 +171,22 @@ def test_no_graph_break(mode):
     assert explanation.graph_count == 1
 
 
+@pytest.mark.parametrize("family", ["UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel"])
+def test_routed_diffusers_models_trace_into_one_graph_and_compile_to_eager(family):
+    """diffusers marks some block classes allow_in_graph: routing must still trace through them, in one graph."""
+    from test_adapters import FAMILIES, INDEX_T
+
+    make, call, *_ = FAMILIES[family]
+    model = make()
+    dtr.wrap(model, sharing_ratio=0.5)
+    explanation = torch._dynamo.explain(lambda t: call(model, t))(INDEX_T)
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
+    if family == "DiTTransformer2DModel":  # the residual placement around allow_in_graph blocks, compiled
+        with torch.no_grad():
+            compiled = torch.compile(model, backend="aot_eager")
+            torch.testing.assert_close(call(compiled, INDEX_T), call(model, INDEX_T), rtol=1e-5, atol=1e-5)
+
+
 def test_compiled_gradient_checkpointing_matches_eager():
     _, model = model_pair()
     dtr.wrap(model, sharing_ratio=0.5)

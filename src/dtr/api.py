@@ -96,14 +96,22 @@ def routing_of(model: nn.Module) -> Routing | None:
 
 
 def inner_model(model: nn.Module) -> nn.Module:
-    """The model that ``wrap`` routes, looking through DataParallel/DistributedDataParallel and torch.compile."""
+    """The model that ``wrap`` routes, looking through DataParallel/DistributedDataParallel, torch.compile and
+    PEFT's ``PeftModel`` (whose forward calls the base model's)."""
     while True:
         if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
             model = model.module
         elif _is_compiled(model):
             model = model._orig_mod
+        elif _is_peft(model):
+            model = model.get_base_model()
         else:
             return model
+
+
+def _is_peft(model: nn.Module) -> bool:
+    """A peft PeftModel (or subclass), recognised without importing peft."""
+    return any(c.__name__ == "PeftModel" and c.__module__.startswith("peft.") for c in type(model).__mro__)
 
 
 def _is_compiled(model: nn.Module) -> bool:
@@ -119,6 +127,12 @@ def _check_model(model: nn.Module) -> nn.Module:
             "(routing = dtr.wrap(model); model = torch.compile(model))"
         )
     model = inner_model(model)
+    if "forward" in model.__dict__:  # an instance attribute shadows the routed class's forward
+        raise ValueError(
+            f"this {type(model).__name__}'s forward was replaced on the instance (accelerate's mixed precision or "
+            "another patch), so routing could not see its calls: dtr.wrap the model before accelerator.prepare "
+            "(or before patching forward)"
+        )
     for name, sub in model.named_modules():
         if "_dtr_unit" in sub.__dict__:
             where = "this model" if not name else f"its submodule {name!r}"

@@ -85,7 +85,7 @@ def _residual(module: nn.Module, unit, call, x: torch.Tensor, args: tuple, kwarg
     shape = [1] * x.ndim
     shape[0], shape[axis] = m.shape
     m, inactive = m.view(shape), inactive.view(shape)
-    base = type(module)._dtr_base.forward
+    base = type(module)._dtr_forward
     if is_compiling():  # inductor fuses the mask into neighbouring kernels and derives the backward itself
         output = _call_with_input(base, module, [x * m], args, kwargs)
         return _with_first(output, lambda out: torch.addcmul(_same_shape(unit, x, out), x, inactive))
@@ -143,7 +143,7 @@ def _same_shape(unit, x: torch.Tensor, out: Any) -> torch.Tensor:
 
 def _gate(module: nn.Module, unit, call, x: torch.Tensor | None, args: tuple, kwargs: dict):
     """The module's output multiplied by the mask on channel axis 1 (a norm before a zero-initialised layer)."""
-    output = type(module)._dtr_base.forward(module, *args, **kwargs)
+    output = type(module)._dtr_forward(module, *args, **kwargs)
 
     def gate(out):
         if not isinstance(out, torch.Tensor) or out.ndim < 2:
@@ -173,14 +173,14 @@ def _call_forward(self, *args, **kwargs):
     """The routed model's forward: its original forward inside one ``Call`` of its own."""
     unit = getattr(self, "_dtr_unit", None)
     if unit is None:  # a new instance the module made of its own class (a slice of a Sequential): not routed
-        return type(self)._dtr_base.forward(self, *args, **kwargs)
+        return type(self)._dtr_forward(self, *args, **kwargs)
     routing = unit.routing
     tasks = None
     if routing.spec.timestep_module == "":
         tasks = routing.tasks_from(find_timestep(args, kwargs, routing.timestep_args, ""))
     call = routing.calls.push(tasks)
     try:
-        return type(self)._dtr_base.forward(self, *args, **kwargs)
+        return type(self)._dtr_forward(self, *args, **kwargs)
     finally:
         routing.calls.pop(call)
 
@@ -193,14 +193,14 @@ def _capture_forward(self, *args, **kwargs):
         routing = unit.routing
         call.tasks = routing.tasks_from(find_timestep(args, kwargs, routing.timestep_args, routing.spec.timestep_module))
         call.masks = {}
-    return type(self)._dtr_base.forward(self, *args, **kwargs)
+    return type(self)._dtr_forward(self, *args, **kwargs)
 
 
 def _routed_forward(self, *args, **kwargs):
     """A routed (or enclosing) module: route by the current call, or by the call a checkpoint is recomputing."""
     unit = getattr(self, "_dtr_unit", None)
     if unit is None:
-        return type(self)._dtr_base.forward(self, *args, **kwargs)
+        return type(self)._dtr_forward(self, *args, **kwargs)
     routing = unit.routing
     x = find_input(args, kwargs)
     call = routing.calls.current()
@@ -210,7 +210,7 @@ def _routed_forward(self, *args, **kwargs):
     tasks = routing.replay.recall(x)
     if tasks is None:
         if unit.placement == "anchor":  # a routed module inside will say what is missing
-            return type(self)._dtr_base.forward(self, *args, **kwargs)
+            return type(self)._dtr_forward(self, *args, **kwargs)
         raise RuntimeError(
             f"dtr: routed module {unit.name!r} ran without a timestep: call the model itself "
             f"(the timestep is read at {routing.spec.timestep_module or 'the model call'!r}); "
@@ -230,7 +230,7 @@ def _apply(module: nn.Module, unit, call, x, args: tuple, kwargs: dict):
         return _residual(module, unit, call, x, args, kwargs)
     if unit.placement == "gate":
         return _gate(module, unit, call, x, args, kwargs)
-    return type(module)._dtr_base.forward(module, *args, **kwargs)
+    return type(module)._dtr_forward(module, *args, **kwargs)
 
 
 FORWARDS = {"call": _call_forward, "capture": _capture_forward, "residual": _routed_forward, "gate": _routed_forward,
@@ -249,7 +249,10 @@ def routed_class(base: type, role: str) -> type:
     code = template.__code__.replace(co_name=f"{template.__name__}_{base.__name__}")
     forward = types.FunctionType(code, template.__globals__, code.co_name, template.__defaults__, template.__closure__)
     forward.__doc__, forward.__wrapped__ = template.__doc__, base.forward
+    # _dtr_forward: the base's forward read off the routed class, not off the base: diffusers marks some block
+    # classes allow_in_graph, and TorchDynamo cannot trace `Base.forward` read off such a class (a graph break)
     namespace = {"forward": forward, "__reduce_ex__": _reduce_routed, "_dtr_base": base, "_dtr_role": role,
+                 "_dtr_forward": base.forward,
                  "__module__": base.__module__, "__qualname__": base.__qualname__, "__doc__": base.__doc__}
     if role == "call" and callable(getattr(base, "save_pretrained", None)):
         namespace["save_pretrained"] = _save_pretrained
