@@ -1,7 +1,7 @@
 """Print the lowest versions pyproject.toml allows, as pip constraints: every `name>=X` of the core and of the
 extras becomes `name==X` (pip's and uv's lowest-direct resolution of our own declarations).
 
-    python .ci/floors.py > floors.txt && pip install -c floors.txt -e ".[dev]"
+    python .ci/floors.py > floors.txt && pip install -c floors.txt -e ".[test]"
 
 A direct dependency without a lower bound is an error: a floor we do not declare is a floor we do not test.
 """

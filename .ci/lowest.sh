@@ -3,8 +3,9 @@
 # what they depend on resolves to the newest that fits), on the oldest Python we declare, in .venv-lowest.
 # tests/test_compile.py is left out: inductor in torch 2.1-2.3 computes wrong gradients for some graphs of
 # the unrouted DiT itself, so compile support starts where docs/api.md's compatibility table says; and
-# tests/test_hf_workflow.py and docs/workflows.md's snippets: peft imports transformers, whose releases that
-# pip resolves for peft's floor no longer import on torch 2.1 (PEFT with routing: newest versions only).
+# tests/test_hf_workflow.py and docs/workflows.md's snippets, which need peft and accelerate (the `dev` extra;
+# this run installs `test`): peft imports transformers, whose releases that pip resolves for peft's floor
+# need torch and safetensors far above our floors (PEFT and accelerate with routing: newest versions only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=""
@@ -15,7 +16,7 @@ done
 "$PY" -m venv .venv-lowest
 .venv-lowest/bin/python -m pip install -q --upgrade pip
 python3 .ci/floors.py > .venv-lowest/floors.txt
-.venv-lowest/bin/python -m pip install -q -c .venv-lowest/floors.txt -e ".[dev]"
+.venv-lowest/bin/python -m pip install -q -c .venv-lowest/floors.txt -e ".[test]"
 .venv-lowest/bin/python -m pip freeze | grep -iE "^(torch|torchvision|numpy|diffusers|torch.fidelity|omegaconf|safetensors|scipy|scikit.learn|einops|tqdm|pillow|matplotlib|tensorboard|pytest|pytest.xdist|hypothesis|huggingface.hub)==" || true
 .venv-lowest/bin/python -m pytest -q -n 2 -p no:cacheprovider tests --ignore tests/test_compile.py --ignore tests/test_hf_workflow.py \
     --deselect "tests/test_docs.py::test_python_blocks_run[docs/workflows.md]"
