@@ -153,12 +153,12 @@ def timesteps_to_tasks(t: Any, num_tasks: int, kind: str = "index") -> torch.Ten
     t = torch.as_tensor(t)
     if t.ndim > 1:
         raise ValueError(f"timesteps must be a scalar or a 1-D tensor of shape (batch,), got shape {tuple(t.shape)}")
-    if t.is_complex() or t.dtype == torch.bool:
+    if t.dtype.is_complex or t.dtype == torch.bool:
         raise TypeError(f"timesteps must be integer or floating point, got {t.dtype}")
     hi = num_tasks if kind == "index" else 1
     _check_range(t, hi, kind)
     if kind == "index":
-        if t.is_floating_point():
+        if t.dtype.is_floating_point:
             return torch.round(t).long().clamp_(max=num_tasks - 1)  # only t in (T - 0.5, T] moves: it is task T-1
         return t.long()
     u = t.double() if t.device.type != "mps" else t.float()
@@ -173,7 +173,7 @@ def _check_range(t: torch.Tensor, hi: float, kind: str) -> None:
     On CUDA the check is a device-side assert (no host sync on the hot path): it fails the next
     synchronising call and ends the CUDA context, as any device assert does.
     """
-    if kind == "index" and not t.is_floating_point():
+    if kind == "index" and not t.dtype.is_floating_point:
         ok = (t >= 0) & (t < hi)
         allowed = f"[0, {hi}) (integer DDPM timesteps)"
     else:
