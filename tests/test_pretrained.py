@@ -82,3 +82,30 @@ def test_only_the_main_process_writes_the_routing(tmp_path):
     dtr.wrap(model)
     model.save_pretrained(tmp_path, is_main_process=False)
     assert not os.path.exists(tmp_path / "dtr_config.json")
+
+
+@pytest.mark.parametrize("family, kwargs", [
+    ("UNet2DModel", dict(blocks=r"down_blocks\.1\.resnets\.0\.norm2", placement="gate", sharing_ratio=0.5)),
+    ("UNet2DModel", dict(blocks=["down_blocks.1.resnets.0"], channel_axis=1, sharing_ratio=0.5)),
+    ("DiTTransformer2DModel", dict(method="random", seed=3, sharing_ratio=0.7)),
+])
+def test_non_default_routing_settings_survive_save_and_load(tmp_path, family, kwargs):
+    """Chosen blocks, gate placement, channel_axis, random method and its seed all come back from the folder."""
+    cls, make, call = MODELS[family]
+    model = make().eval()
+    routing = dtr.wrap(model, **kwargs)
+    dtr.save_pretrained(model, tmp_path)
+    loaded = dtr.from_pretrained(cls, tmp_path).eval()
+    assert dtr.routing_of(loaded).config == routing.config
+    assert [r.name for r in dtr.routing_of(loaded).routed] == [r.name for r in routing.routed]
+    with torch.no_grad():
+        torch.testing.assert_close(call(loaded, INDEX_T), call(model, INDEX_T), rtol=0, atol=0)
+
+
+def test_an_unwrapped_model_saves_without_routing(tmp_path):
+    """After dtr.unwrap the model's save_pretrained is diffusers' own again: no dtr_config.json is written."""
+    model = unet2d()
+    dtr.wrap(model)
+    dtr.unwrap(model)
+    model.save_pretrained(tmp_path)
+    assert os.path.isfile(tmp_path / "config.json") and not os.path.exists(tmp_path / "dtr_config.json")
