@@ -6,10 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+import tomllib  # floors.py runs on CI's own Python (3.11); .ci/lowest.sh leaves this file out of its 3.10 run
 
-# floors.py runs on CI's default Python (tomllib, 3.11+); the lowest run's 3.10 venv checks it only on the newest.
-pytest.importorskip("tomllib", reason=".ci/floors.py reads pyproject.toml with tomllib (Python >= 3.11)")
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / ".ci" / "floors.py"
@@ -49,8 +48,6 @@ def test_the_real_pyproject_pins_each_direct_dependency_once_at_its_declared_flo
     assert len(pins) == len(out)
     # the floors docs/api.md's compatibility table states and the lowest CI run installs
     assert {"torch": "2.1", "numpy": "1.23", "diffusers": "0.33.0", "torchvision": "0.16"}.items() <= pins.items()
-    import tomllib
-
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     declared = list(project["dependencies"]) + [
         r for extra in project["optional-dependencies"].values() for r in extra if not r.startswith(project["name"])
