@@ -78,8 +78,10 @@ def run_overhead(spec, timeout, log):
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "r.json")
         rc = run(spec["argv"] + ["--json", out], timeout, log)
-        result = json.load(open(out)) if rc == 0 else None
-    return rc, result
+        if rc != 0:
+            return rc, None
+        with open(out) as f:
+            return rc, json.load(f)
 
 
 def run_resume(spec, timeout, log):

@@ -261,7 +261,6 @@ def profile(args):
     (forward: x * m, then out + (1 - m) * x; backward: the gradients of both products and their sum),
     so its row is also the "before" of dtr.wrap.
     """
-    torch.set_num_threads(args.threads)
     models, (x, t, y) = build_variants(args, torch.device("cpu"))
     depth, width = len(models["unwrapped"].blocks), models["unwrapped"].pos_embed.shape[-1]
     logs = {n: logged_step(m, args.mode, x, t, y) for n, m in models.items()}
