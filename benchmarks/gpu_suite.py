@@ -47,7 +47,7 @@ def parts(smoke):
         (f"{xl} eager train step", 120, overhead(xl, "train", "eager", b, r, smoke)),
         (f"{xl} eager CFG sampling call", 90, overhead(xl, "sample", "eager", b, r, smoke)),
         ("pytest -m cuda", 120, dict(kind="pytest", argv=[sys.executable, "-m", "pytest", "-q", "-m", "cuda",
-                                                            os.path.join(ROOT, "tests")] + (["--co"] if smoke else []))),
+                                                            os.path.join(ROOT, "tests", "test_cuda.py")] + (["--co"] if smoke else []))),
         (f"{xl} regional compile train step", 150, overhead(xl, "train", "regional", b, r, smoke)),
         (f"{l} eager train step", 90, overhead(l, "train", "eager", b, r, smoke)),
         ("1-process torchrun train -> resume, bit-identical", 120, dict(kind="resume", recipe=recipe, steps=steps)),
