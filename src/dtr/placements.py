@@ -81,10 +81,7 @@ def _residual(module: nn.Module, unit, call, x: torch.Tensor, args: tuple, kwarg
             f"{x.shape[axis]}, but the module's width {unit.width} is an inner axis: for a channels-first block "
             "pass channel_axis=1 to dtr.wrap (or channel_axis=-1 if the last axis is the right one)"
         )
-    m, inactive = unit.routing.mask(call, unit, x, axis=axis)
-    shape = [1] * x.ndim
-    shape[0], shape[axis] = m.shape
-    m, inactive = m.view(shape), inactive.view(shape)
+    m, inactive = (_along(mask, x.ndim, axis) for mask in unit.routing.mask(call, unit, x, axis=axis))
     base = type(module)._dtr_forward
     if is_compiling():  # inductor fuses the mask into neighbouring kernels and derives the backward itself
         output = _call_with_input(base, module, [x * m], args, kwargs)
@@ -105,6 +102,13 @@ def _channel_axis(unit, x: torch.Tensor, default: int) -> int:
         raise ValueError(f"dtr: channel_axis={axis} is not a channel axis of {unit.name!r}'s {x.ndim}-d tensor "
                          f"{tuple(x.shape)} (allowed: 1 to {x.ndim - 1}, or -1 to {1 - x.ndim})")
     return axis % x.ndim
+
+
+def _along(m: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
+    """A (B, C) mask viewed to broadcast over an ``ndim``-d tensor with its channels on ``axis``."""
+    shape = [1] * ndim
+    shape[0], shape[axis] = m.shape
+    return m.view(shape)
 
 
 def _call_with_input(base, module: nn.Module, box: list, args: tuple, kwargs: dict):
@@ -150,9 +154,7 @@ def _gate(module: nn.Module, unit, call, x: torch.Tensor | None, args: tuple, kw
             raise ValueError(f"dtr: gate placement needs a tensor output with channels on axis 1 from {unit.name!r}")
         axis = _channel_axis(unit, out, default=1)
         m, _ = unit.routing.mask(call, unit, out, axis=axis)
-        shape = [1] * out.ndim
-        shape[0], shape[axis] = m.shape
-        return out * m.view(shape)
+        return out * _along(m, out.ndim, axis)
 
     return _with_first(output, gate)
 
