@@ -10,6 +10,7 @@ short by the device's limit still leaves its table. Parts that did not fit are l
 """
 
 import argparse
+import glob
 import json
 import os
 import subprocess
@@ -22,6 +23,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERHEAD = os.path.join(ROOT, "benchmarks", "overhead.py")
 TRAIN = os.path.join(ROOT, "examples", "dit", "train.py")
+sys.path.insert(0, os.path.dirname(TRAIN))  # the recipe's modules import each other by plain name
 
 
 def overhead(model, mode, compile, batch, rounds, smoke, variants=None):
@@ -107,13 +109,11 @@ def run_resume(spec, timeout, log):
 
 
 def _checkpoints(results_dir):
-    """{step: path} of the one run under a results folder."""
-    found = {}
-    for root, _, files in os.walk(results_dir):
-        for f in files:
-            if f.endswith(".pt") and f[:-3].isdigit():
-                found[int(f[:-3])] = os.path.join(root, f)
-    return found
+    """{step: path} of the one run under a results folder, as train.py itself reads a checkpoints folder."""
+    from train import checkpoints_in  # imported here: only this part needs the recipe (omegaconf, data, ...)
+
+    (folder,) = glob.glob(os.path.join(results_dir, "**", "checkpoints"), recursive=True)
+    return checkpoints_in(folder)
 
 
 # 5 is pytest's "no tests collected": what `-m cuda` gives without a GPU (the smoke run only collects them)

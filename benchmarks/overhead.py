@@ -108,14 +108,18 @@ def make_step(model, mode, x, t, y, compile="eager", dtype=torch.float32):
         model.eval()
         # compile the bound method itself: forward_with_cfg on a compiled module would run eagerly
         fwd = torch.compile(model.forward_with_cfg) if compile == "full" else model.forward_with_cfg
-        y_cfg = torch.cat([y, torch.full_like(y, model.num_classes)])
-        x_cfg, t_cfg = torch.cat([x, x]), torch.cat([t, t])
+        batch = cfg_batch(model, x, t, y)
 
         def step():
             with torch.no_grad(), autocast:
-                return fwd(x_cfg, t_cfg, y_cfg, 1.5)
+                return fwd(*batch, 1.5)
 
     return step
+
+
+def cfg_batch(model, x, t, y):
+    """The doubled batch of a classifier-free-guidance call, as sample.py makes it: each sample, then unconditioned."""
+    return torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, model.num_classes)])
 
 
 def tolerance(dtype):
@@ -240,9 +244,9 @@ def logged_step(model, mode, x, t, y):
             loss.backward()
         return {"forward": fwd.ops, "backward": bwd.ops}
     model.eval()
-    y_cfg = torch.cat([y, torch.full_like(y, model.num_classes)])
+    batch = cfg_batch(model, x, t, y)
     with fwd, torch.no_grad():
-        model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), y_cfg, 1.5)
+        model.forward_with_cfg(*batch, 1.5)
     return {"sampling call": fwd.ops}
 
 

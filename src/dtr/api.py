@@ -10,7 +10,7 @@ from torch import nn
 from .adapters import find_adapter
 from .masks import METHODS, TIMESTEP_KINDS, resolve_seed
 from .routing import PLACEMENTS, Routing, RoutingSpec, select_modules
-from .validation import check_alpha, check_choice, check_int, check_sharing_ratio
+from .validation import check_alpha, check_channel_axis, check_choice, check_int, check_sharing_ratio
 
 _HOW_TO = (
     "pass blocks= (a full-match regex on module names such as r'layers\\.\\d+', a list of names, "
@@ -52,9 +52,7 @@ def wrap(
     if timestep_kind is not None:
         check_choice(timestep_kind, "timestep_kind", TIMESTEP_KINDS)
     if channel_axis is not None:
-        channel_axis = check_int(channel_axis, "channel_axis")
-        if channel_axis == 0:
-            raise ValueError("channel_axis must not be 0 (the batch axis); use 1 for channels-first, -1 for channels-last")
+        channel_axis = check_channel_axis(channel_axis)
     model = _check_model(model)
 
     spec = find_adapter(model)

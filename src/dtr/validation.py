@@ -69,6 +69,14 @@ def check_alpha(value: Any) -> float:
     return check_float(value, "alpha", low=0.0, low_open=True)
 
 
+def check_channel_axis(value: Any) -> int:
+    """The axis a mask acts on: any int but 0, the batch axis (its upper bound depends on the tensor)."""
+    value = check_int(value, "channel_axis")
+    if value == 0:
+        raise ValueError("channel_axis must not be 0 (the batch axis); use 1 for channels-first, -1 for channels-last")
+    return value
+
+
 def check_seed(value: Any) -> int:
     """A seed: any int (used modulo 2**32)."""
     if isinstance(value, bool):
