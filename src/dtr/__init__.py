@@ -5,18 +5,20 @@
     routing.remove()                               # or dtr.unwrap(model)
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 from .adapters import register_adapter
-from .api import routing_of, unwrap, wrap
+from .api import routing_of, unwrap, wrap, wrap_with
 from .masks import active_channels, task_masks, timesteps_to_tasks, window_starts
 from .paper import convert_paper_state_dict
 from .pretrained import from_pretrained, save_pretrained, wrap_from_config
-from .routing import Routing, RoutingSpec
+from .routing import Routing
+from .spec import BlockIO, RoutingConfig, RoutingSpec
 
 __all__ = [
     "__version__",
     "wrap",
+    "wrap_with",
     "unwrap",
     "routing_of",
     "register_adapter",
@@ -26,6 +28,8 @@ __all__ = [
     "timesteps_to_tasks",
     "Routing",
     "RoutingSpec",
+    "RoutingConfig",
+    "BlockIO",
     "convert_paper_state_dict",
     "save_pretrained",
     "from_pretrained",

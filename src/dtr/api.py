@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 from torch import nn
 
 from .adapters import find_adapter
-from .masks import METHODS, TIMESTEP_KINDS, resolve_seed
-from .routing import PLACEMENTS, Routing, RoutingSpec, select_modules
-from .validation import check_alpha, check_channel_axis, check_choice, check_int, check_sharing_ratio
+from .masks import resolve_seed
+from .mechanism import behaviour_of
+from .routing import Routing, select_modules
+from .spec import PLACEMENTS, TIMESTEP_KINDS, BlockIO, RoutingConfig, RoutingSpec
+from .validation import check_channel_axis, check_choice
 
 _HOW_TO = (
     "pass blocks= (a full-match regex on module names such as r'layers\\.\\d+', a list of names, "
-    "or a predicate (name, module) -> bool), placement= ('residual' for blocks y = x + F(x) with "
-    "channels last, 'gate' to multiply a module's output on channel axis 1), and, unless the model is "
-    "called as model(x, t, ...) or with t=/timestep=, timestep_module= (dotted name of the module "
-    "whose call receives the timestep) and timestep_arg= (its positional index or keyword)"
+    "or a predicate (name, module) -> bool), placement= ('residual' for blocks y = x + F(x), 'gate' to multiply "
+    "a module's output on channel axis 1), block_io= when a block's stream is not its first argument or its "
+    "output is a tuple, channel_axis= for channels-first blocks, and, unless the model's forward has an argument "
+    "named t, timestep or timesteps, timestep_arg= (its name or position) or timestep_module= (dotted name of "
+    "the module whose call receives the timestep)"
 )
 
 
@@ -31,51 +34,96 @@ def wrap(
     seed: int | None = 0,
     blocks: str | Iterable[str] | Callable | None = None,
     placement: str | None = None,
+    block_io: BlockIO | Mapping[str, BlockIO] | None = None,
     timestep_module: str | None = None,
-    timestep_arg: int | str | tuple | None = None,
+    timestep_arg: int | str | None = None,
     timestep_kind: str | None = None,
     channel_axis: int | None = None,
 ) -> Routing:
     """Route ``model`` in place by each sample's timestep; returns the handle (``.remove()``).
 
-    With no other argument the adapter for the model's family chooses the modules and the
-    timestep location; ``blocks``/``placement``/``timestep_*`` override it or route any model.
-    ``channel_axis`` is the axis the mask acts on (default: last for residual, 1 for gate placement).
+    With no other argument the adapter for the model's family chooses the modules, their streams and the
+    timestep location; ``blocks``/``placement``/``block_io``/``timestep_*`` override it or route any model.
+    ``channel_axis`` is the axis the mask acts on (default: last for residual blocks, 1 for gates).
     """
-    sharing_ratio = check_sharing_ratio(sharing_ratio)
-    alpha = check_alpha(alpha)
-    check_choice(method, "method", METHODS)
-    num_tasks = check_int(num_tasks, "num_tasks", minimum=1)
-    seed = resolve_seed(seed)
+    config = RoutingConfig(sharing_ratio, alpha, method, num_tasks, resolve_seed(seed))
+    return wrap_with(model, config, blocks=blocks, placement=placement, block_io=block_io,
+                     timestep_module=timestep_module, timestep_arg=timestep_arg, timestep_kind=timestep_kind,
+                     channel_axis=channel_axis)
+
+
+def wrap_with(model: nn.Module, config: RoutingConfig, **where) -> Routing:
+    """``dtr.wrap`` with the numbers given as one ``RoutingConfig`` (the recipe and ``wrap_from_config`` use it)."""
+    if not isinstance(config, RoutingConfig):
+        raise TypeError(f"config must be a dtr.RoutingConfig, got {type(config).__name__}")
+    model = _check_model(model)
+    spec = resolve_spec(model, **where)
+    modules = dict(model.named_modules())
+    if spec.timestep_module and spec.timestep_module not in modules:
+        raise ValueError(f"timestep_module {spec.timestep_module!r} is not a module of {type(model).__name__}")
+    return Routing(model, spec, config)
+
+
+def resolve_spec(
+    model: nn.Module,
+    blocks=None,
+    placement=None,
+    block_io=None,
+    timestep_module=None,
+    timestep_arg=None,
+    timestep_kind=None,
+    channel_axis=None,
+) -> RoutingSpec:
+    """The adapter's spec for ``model`` with ``dtr.wrap``'s overrides applied, checked."""
     if placement is not None:
         check_choice(placement, "placement", PLACEMENTS)
     if timestep_kind is not None:
         check_choice(timestep_kind, "timestep_kind", TIMESTEP_KINDS)
     if channel_axis is not None:
         channel_axis = check_channel_axis(channel_axis)
-    model = _check_model(model)
-
+    if timestep_module is not None and not isinstance(timestep_module, str):
+        raise TypeError(f"timestep_module must be a dotted module name, got {type(timestep_module).__name__}")
     spec = find_adapter(model)
     if spec is None:
         if blocks is None:
             raise ValueError(f"dtr.wrap does not know where to route a {type(model).__name__}: {_HOW_TO}")
-        spec = RoutingSpec(blocks=(), placement=placement or "residual")
+        spec = RoutingSpec(blocks=(), placement=placement or "residual", timestep_arg=None)
     overrides = dict(placement=placement, timestep_module=timestep_module, timestep_arg=timestep_arg,
-                     timestep_kind=timestep_kind, channel_axis=channel_axis)
+                     timestep_kind=timestep_kind)
     spec = dataclasses.replace(spec, **{k: v for k, v in overrides.items() if v is not None})
     if blocks is not None:
         adapter = "custom" if spec.adapter == "custom" else f"{spec.adapter}, custom blocks"
         spec = dataclasses.replace(spec, blocks=select_modules(model, blocks), adapter=adapter)
+    modules = dict(model.named_modules())
+    missing = [b for b in spec.blocks if b not in modules]
+    if missing:
+        raise ValueError(f"blocks names not found in {type(model).__name__}: {missing}")
+    spec = dataclasses.replace(spec, io=_block_io(spec, [modules[b] for b in spec.blocks], block_io, channel_axis))
     if spec.timestep_kind is None:
         raise ValueError(
-            f"dtr.wrap cannot tell what this {type(model).__name__}'s timestep means (a Fourier time embedding takes "
-            "a noise level sigma, not a step index): convert sigma to a step index or to [0, 1] yourself and pass "
-            f"timestep_kind= (one of {', '.join(map(repr, TIMESTEP_KINDS))}) and, for indices, num_tasks="
+            f"dtr.wrap cannot tell what this {type(model).__name__}'s timestep means"
+            + (f" ({spec.note})" if spec.note else "")
+            + f": pass timestep_kind= (one of {', '.join(map(repr, TIMESTEP_KINDS))}) and, for indices, num_tasks="
         )
-    modules = dict(model.named_modules())
-    if spec.timestep_module not in modules:
-        raise ValueError(f"timestep_module {spec.timestep_module!r} is not a module of {type(model).__name__}")
-    return Routing(model, spec, sharing_ratio, alpha, method, num_tasks, seed)
+    return spec
+
+
+def _block_io(spec: RoutingSpec, blocks: list[nn.Module], block_io, channel_axis: int | None) -> dict:
+    """Per block class, the BlockIO to use: the adapter's, replaced by ``block_io=``, with ``channel_axis=``."""
+    classes = {type(b).__name__ for b in blocks}
+    io = {type(b).__name__: spec.io_for(b) for b in blocks}
+    if isinstance(block_io, BlockIO):
+        io = {name: block_io for name in classes}
+    elif block_io is not None:
+        if not isinstance(block_io, Mapping) or not all(isinstance(v, BlockIO) for v in block_io.values()):
+            raise TypeError("block_io must be a dtr.BlockIO or a dict {block class name: dtr.BlockIO}")
+        unknown = sorted(set(block_io) - classes)
+        if unknown:
+            raise ValueError(f"block_io names classes that are not routed blocks: {unknown}; routed: {sorted(classes)}")
+        io.update(block_io)
+    if channel_axis is not None:
+        io = {name: dataclasses.replace(v, channel_axis=channel_axis) for name, v in io.items()}
+    return {name: v for name, v in io.items() if v != BlockIO()}
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -89,8 +137,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def routing_of(model: nn.Module) -> Routing | None:
     """The Routing handle of a wrapped model (also of its deepcopy, its DDP wrapper or its compiled module), or None."""
-    unit = inner_model(model).__dict__.get("_dtr_unit")
-    return unit.routing if unit is not None and unit.placement == "call" else None
+    entry = behaviour_of(inner_model(model))
+    return getattr(entry, "routing", None)
 
 
 def inner_model(model: nn.Module) -> nn.Module:
@@ -125,14 +173,8 @@ def _check_model(model: nn.Module) -> nn.Module:
             "(routing = dtr.wrap(model); model = torch.compile(model))"
         )
     model = inner_model(model)
-    if "forward" in model.__dict__:  # an instance attribute shadows the routed class's forward
-        raise ValueError(
-            f"this {type(model).__name__}'s forward was replaced on the instance (accelerate's mixed precision or "
-            "another patch), so routing could not see its calls: dtr.wrap the model before accelerator.prepare "
-            "(or before patching forward)"
-        )
     for name, sub in model.named_modules():
-        if "_dtr_unit" in sub.__dict__:
+        if behaviour_of(sub) is not None:
             where = "this model" if not name else f"its submodule {name!r}"
             raise ValueError(f"{where} is already routed by dtr; call dtr.unwrap(...) before wrapping again")
     return model

@@ -1,37 +1,42 @@
 """Per-call routing state: each model call owns its tasks, whatever else runs at the same time.
 
-A call of the routed model pushes a ``Call`` onto a thread-local stack kept by its ``Routing`` and pops
-it when the call ends, also when the call raises or is interrupted (``try/finally`` in the routed
-forward).  Routed modules read the innermost call of their own thread, so concurrent calls from several
-threads (inference servers, ``nn.DataParallel`` replicas), re-entrant calls (a model called inside a hook
-of another call) and interrupted calls never see another call's timesteps.  TorchDynamo traces the
-thread-local reads and writes, so the same code runs under ``torch.compile`` with no graph break.
+A call of the routed model pushes a ``Call`` onto a thread-local stack kept by its runtime and pops it
+when the call ends, also when the call raises or is interrupted.  Routed modules read the innermost call
+of their own thread, so concurrent calls from several threads (inference servers, ``nn.DataParallel``
+replicas), re-entrant calls (a model called inside a hook of another call) and interrupted calls never
+see another call's timesteps.  TorchDynamo traces the thread-local reads and writes, so the same code
+runs under ``torch.compile`` with no graph break.
 
-Gradient checkpointing recomputes a block after its call has ended (in the backward pass, possibly on
-autograd's own thread).  ``Replay`` remembers the tasks of each routed (or enclosing) module's input
-tensor while gradients are recorded, and a recomputation finds them again by that same tensor.
+Activation checkpointing recomputes a region after its call has ended (in the backward pass, possibly on
+autograd's own thread).  ``Replay`` remembers the tasks of each checkpoint *region* (the frame
+``torch.utils.checkpoint`` keeps for it) while it records, and finds them again while that same region is
+recomputed.  Nothing depends on which tensors enter the region, so casts (FSDP2 mixed precision), hooks
+that return new tensors, regions around several blocks and one tensor fed to two calls all replay exactly.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Any
+import weakref
 
 import torch
-from torch.utils.weak import WeakTensorKeyDictionary
+from torch.utils.checkpoint import _CheckpointFrame  # the record torch keeps per checkpointed region
 
 from ._compat import is_compiling
-
-INPUT_KEYWORDS = ("hidden_states", "x", "input", "h", "sample")
 
 
 class Call:
     """The routing state of one model call: its task indices and, in eager mode, the masks built from them."""
 
-    def __init__(self, outer: "Call | None", tasks: torch.Tensor | None = None):
+    __slots__ = ("outer", "tasks", "masks", "owner", "entered", "captured", "traced")
+
+    def __init__(self, outer: "Call | None", tasks: torch.Tensor | None = None, owner: object = None):
         self.outer = outer  # the call this one runs inside (same thread), or None
-        self.tasks = tasks  # (B,) or 0-d long task indices; None until the timestep is read
+        self.tasks = tasks  # (B,), (B, N) or 0-d long task indices; None until the timestep is read
         self.masks: dict = {}  # (width, dtype, device, block) -> (mask, 1 - mask), built once per call
+        self.owner = owner  # the model whose call this is (None: a checkpoint recomputation)
+        self.entered = False  # the owner's forward has started (a direct forward() call is a call of its own)
+        self.captured = False  # the timestep module has given the tasks
         # A call made inside a compiled graph lives only in the trace, so caching in it costs no guard;
         # a real call read by a compiled block (regional compilation) must not be written by the graph.
         self.traced = is_compiling()
@@ -46,8 +51,8 @@ class CallStack:
     def current(self) -> Call | None:
         return getattr(self._local, "call", None)
 
-    def push(self, tasks: torch.Tensor | None = None) -> Call:
-        call = Call(self.current(), tasks)
+    def push(self, tasks: torch.Tensor | None = None, owner: object = None) -> Call:
+        call = Call(self.current(), tasks, owner)
         self._local.call = call
         return call
 
@@ -61,55 +66,65 @@ class CallStack:
         self._local = threading.local()
 
 
+def checkpoint_region() -> tuple[_CheckpointFrame | None, bool]:
+    """The ``torch.utils.checkpoint`` region running now in this thread, and whether it is being recomputed.
+
+    torch keeps no public handle on it: the saved-tensor hooks it pushes for a region close over the
+    region's frame while it records (``_checkpoint_hook``) and over a weak reference to it while it is
+    recomputed (``_recomputation_hook``, whose hook newer torch wraps once more), and the hooks on top of
+    the stack are readable.  tests/test_composition.py checks this against every form of checkpointing.
+    """
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return (None, False) if hooks is None else _frame_in(hooks[0], depth=3)
+
+
+def _frame_in(fn: object, depth: int) -> tuple[_CheckpointFrame | None, bool]:
+    """The checkpoint frame a hook function closes over (directly, by weak reference, or through a wrapper)."""
+    inner = [getattr(fn, "__wrapped__", None)]
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if isinstance(value, _CheckpointFrame):
+            return value, False
+        if isinstance(value, weakref.ref) and isinstance(value(), _CheckpointFrame):
+            return value(), True
+        inner.append(value)
+    if depth > 0:
+        for value in inner:
+            if callable(value) and not isinstance(value, type):
+                found = _frame_in(value, depth - 1)
+                if found[0] is not None:
+                    return found
+    return None, False
+
+
 class Replay:
-    """Tasks by module input, kept while autograd may recompute the module (gradient checkpointing)."""
+    """Tasks by checkpoint region, kept while autograd may recompute the region."""
 
     def __init__(self) -> None:
-        self._saved = WeakTensorKeyDictionary()
+        self._saved: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    def remember(self, x: torch.Tensor | None, tasks: torch.Tensor) -> None:
-        # Only eager forwards that record gradients can be recomputed; compiled graphs recompute by themselves.
-        if x is not None and torch.is_grad_enabled() and not is_compiling():
-            self._saved[x] = tasks
+    def tasks(self, current: torch.Tensor | None) -> tuple[torch.Tensor | None, bool]:
+        """The tasks a routed module must use, and whether they come from a recomputed region.
 
-    def recall(self, x: torch.Tensor | None) -> torch.Tensor | None:
-        return None if x is None or is_compiling() else self._saved.get(x)
+        Outside checkpointing: ``current`` (the call in progress).  Recording a region: ``current``, remembered
+        for the region.  Recomputing a region: what it remembered, whatever call is in progress now.
+        """
+        if not torch.is_grad_enabled() or is_compiling():  # only eager autograd recomputes; graphs do it themselves
+            return current, False
+        frame, recomputing = checkpoint_region()
+        if frame is None:
+            return current, False
+        if recomputing:
+            return self._saved.get(frame), True
+        if current is not None:
+            self._saved[frame] = current
+        return current, False
 
     def __getstate__(self) -> dict:
         return {}
 
     def __setstate__(self, state: dict) -> None:
-        self._saved = WeakTensorKeyDictionary()
-
-
-def find_timestep(args: tuple, kwargs: dict, where: tuple, module_name: str) -> Any:
-    """The timestep argument of a call: the first of ``where`` (positional indices or keywords) present."""
-    for a in where:
-        if isinstance(a, str) and a in kwargs:
-            return kwargs[a]
-        if isinstance(a, int) and a < len(args):
-            return args[a]
-    raise ValueError(
-        f"dtr: no timestep found in the call of {module_name or 'the model'!r} (timestep_arg={where!r}); "
-        f"got {len(args)} positional and keyword arguments {sorted(kwargs)}"
-    )
-
-
-def find_input(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    """A module's main input: its first positional tensor, or hidden_states= (x=, input=, h=, sample=)."""
-    if args and isinstance(args[0], torch.Tensor):
-        return args[0]
-    for key in INPUT_KEYWORDS:
-        if isinstance(kwargs.get(key), torch.Tensor):
-            return kwargs[key]
-    return None
-
-
-def replace_input(args: tuple, kwargs: dict, value: torch.Tensor) -> tuple[tuple, dict]:
-    """``args, kwargs`` with the main input (as ``find_input`` finds it) replaced by ``value``."""
-    if args and isinstance(args[0], torch.Tensor):
-        return (value, *args[1:]), kwargs
-    for key in INPUT_KEYWORDS:
-        if isinstance(kwargs.get(key), torch.Tensor):
-            return args, {**kwargs, key: value}
-    raise ValueError("dtr: the module call has no input tensor to replace")
+        self._saved = weakref.WeakKeyDictionary()

@@ -9,16 +9,15 @@ rows of the tasks in a batch, with the same functions.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 import torch
 
 from ._compat import assume_constant_result, is_compiling
+from .spec import METHODS
 from .validation import check_alpha, check_choice, check_int, check_seed, check_sharing_ratio
-
-METHODS = ("dtr", "random")
-TIMESTEP_KINDS = ("index", "unit", "unit_reversed")
 
 
 #################################################################################
@@ -33,9 +32,18 @@ def active_channels(channels: int, sharing_ratio: float) -> int:
     if c_b < 1:
         raise ValueError(
             f"sharing_ratio={sharing_ratio} leaves no active channel for width {channels} "
-            f"(int({channels} * {sharing_ratio}) = 0); use sharing_ratio >= {1 / channels:.4g}"
+            f"(int({channels} * {sharing_ratio}) = 0); use sharing_ratio >= {smallest_ratio(channels)}"
         )
     return c_b
+
+
+def smallest_ratio(channels: int) -> float:
+    """The shortest decimal ratio r with int(channels * r) >= 1: what the error above can safely suggest."""
+    for digits in range(1, 18):
+        r = math.ceil(10**digits / channels) / 10**digits
+        if int(channels * r) >= 1:
+            return r
+    return 1.0
 
 
 def window_starts(num_tasks: int, channels: int, sharing_ratio: float = 0.8, alpha: float = 4.0) -> np.ndarray:
@@ -143,24 +151,30 @@ def resolve_seed(seed: int | None) -> int:
 def timesteps_to_tasks(t: Any, num_tasks: int, kind: str = "index") -> torch.Tensor:
     """Map the timesteps a model receives to task indices in [0, T), checking the range.
 
-    ``"index"``: DDPM timesteps, ints or floats in [0, T] (floats from Euler/Karras schedulers are
-    rounded to the nearest task; flow matching's ``T`` itself is task T-1).
-    ``"unit"``: continuous t in [0, 1], 0 = data; ``"unit_reversed"``: 1 = data (SiT).
-    Returns a 0-d or (B,) long tensor.
+    ``"index"``: DDPM timesteps, ints or floats in [0, T] (floats from Euler/Karras schedulers and sigma*1000
+    are rounded to the nearest task; flow matching's ``T`` itself is task T-1).
+    ``"unit"``: continuous t in [0, 1], 0 = data (flow matching's sigma); ``"unit_reversed"``: 1 = data (SiT).
+    Accepts a scalar, one timestep per sample (B,), or one per token (B, N); returns long task indices of
+    the same shape.
     """
     if isinstance(t, (bool, np.bool_)) or not isinstance(t, (torch.Tensor, int, float, np.integer, np.floating)):
         raise TypeError(f"timestep must be a tensor, an int or a float, got {type(t).__name__}")
     t = torch.as_tensor(t)
-    if t.ndim > 1:
-        raise ValueError(f"timesteps must be a scalar or a 1-D tensor of shape (batch,), got shape {tuple(t.shape)}")
+    if t.ndim > 2:
+        raise ValueError(
+            f"timesteps must be a scalar, one per sample (batch,) or one per token (batch, tokens), "
+            f"got shape {tuple(t.shape)}"
+        )
     if t.dtype.is_complex or t.dtype == torch.bool:
         raise TypeError(f"timesteps must be integer or floating point, got {t.dtype}")
+    if not t.dtype.is_floating_point:
+        t = t.long()  # uint8/int16 timesteps: compare and index in int64, where T fits
     hi = num_tasks if kind == "index" else 1
     _check_range(t, hi, kind)
     if kind == "index":
         if t.dtype.is_floating_point:
             return torch.round(t).long().clamp_(max=num_tasks - 1)  # only t in (T - 0.5, T] moves: it is task T-1
-        return t.long()
+        return t
     u = t.double() if t.device.type != "mps" else t.float()
     if kind == "unit_reversed":
         u = 1.0 - u

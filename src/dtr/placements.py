@@ -1,35 +1,30 @@
-"""Where the mask acts: the forwards that routed modules run instead of their own.
+"""Where the mask acts: the behaviours of routed modules, one per placement.
 
-``dtr.wrap`` gives each module it touches a subclass of that module's class whose ``forward`` wraps the
-original one (as ``torch.nn.utils.parametrize`` does), rather than forward hooks:
+- ``Residual``: a block ``y = x + F(x)`` on a stream x becomes ``block(m * x) + (1 - m) * x``: the block sees
+  its task's channels, its output is added to all of them, inactive channels pass through.
+- ``Gate``: a module's output is multiplied by the mask, ``m * module(x)`` (a norm before a zero-initialised
+  layer, the paper's U-Net placement).
 
-- TorchDynamo guards on a module's class and on the attributes a forward reads, but deliberately not on
-  hook dicts, so a compiled graph of an unrouted model could run a routed one (and the reverse).  With
-  a class of its own, a routed module can never match an unrouted module's compiled code.
-- The model's forward runs inside ``try/finally``, so a call's state is popped even when the call is
-  interrupted, and every path into the model (``forward_with_cfg`` calling ``self.forward`` included)
-  reads its timestep.
-- The residual placement is one function around the block, so its backward can be fused (below).
-
-Roles: ``call`` (the model: one ``Call`` per forward, reading the timestep there unless the timestep
-enters elsewhere), ``capture`` (the module the timestep enters), ``residual`` and ``gate`` (the routed
-modules), ``anchor`` (modules enclosing gated ones, where checkpoint recomputation starts).
+Each behaviour wraps the module's whole call (``mechanism.py``), so ``block`` in the formulas is the module as
+its caller sees it: with its hooks, casts and patches.  ``BlockIO`` (``spec.py``) says which argument and which
+output element carry the routed stream.
 """
 
 from __future__ import annotations
 
-import functools
-import types
-from typing import Any
+import inspect
+from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _hooks  # the global hook dicts nn.Module._call_impl reads
 
 from ._compat import is_compiling
-from .calls import find_input, find_timestep, replace_input
+from .runtime import Runtime
+from .spec import BlockIO
 
 #################################################################################
-#                    Residual placement: y = F(m * x) + (1 - m) * x             #
+#                   The fused residual: y = F(m * x) + (1 - m) * x              #
 #################################################################################
 
 
@@ -39,13 +34,21 @@ class _RouteIn(torch.autograd.Function):
     Both paths of x meet here in the backward, so their gradients combine in one pass:
     g_x = m * g_z + (1 - m) * g_y = lerp(g_y, g_z, m), exact for a 0/1 mask (lerp's two-branch formula
     returns its end points exactly).  Unfused, autograd spends three passes and an accumulation.
+    ``jvp`` and the generated vmap rule let torch.func (grad, jvp, vmap, jacrev) and forward-mode AD run it.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, m: torch.Tensor):
-        ctx.save_for_backward(m)
-        ctx.set_materialize_grads(False)
+    def forward(x: torch.Tensor, m: torch.Tensor):
         return x * m, x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, m = inputs
+        ctx.save_for_backward(m)
+        ctx.m = m  # for jvp, which cannot read saved tensors
+        ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, g_z: torch.Tensor | None, g_y: torch.Tensor | None):
@@ -58,224 +61,252 @@ class _RouteIn(torch.autograd.Function):
             return g_y * (1 - m), None
         return torch.lerp(g_y, g_z, m), None
 
+    @staticmethod
+    def jvp(ctx, dx: torch.Tensor, dm: torch.Tensor | None):
+        return dx * ctx.m, dx.view_as(dx)
+
 
 class _RouteOut(torch.autograd.Function):
     """y = o + (1 - m) * x in one pass; the incoming gradient goes to o and, untouched, to _RouteIn."""
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, o: torch.Tensor, x: torch.Tensor, inactive: torch.Tensor):
+    def forward(o: torch.Tensor, x: torch.Tensor, inactive: torch.Tensor):
         return torch.addcmul(o, x, inactive)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.inactive = inputs[2]
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         return g, g, None
 
-
-def _residual(module: nn.Module, unit, call, x: torch.Tensor, args: tuple, kwargs: dict):
-    """block(m * x) + (1 - m) * x, each sample masked by its own task."""
-    axis = _channel_axis(unit, x, default=-1)
-    if unit.width is not None and x.shape[axis] != unit.width and unit.width in x.shape[1:axis]:
-        # the module's declared width on an inner axis: a channels-first block, which the mask would cut across
-        raise ValueError(
-            f"dtr: residual placement masks the last axis of {unit.name!r}'s input {tuple(x.shape)}, of size "
-            f"{x.shape[axis]}, but the module's width {unit.width} is an inner axis: for a channels-first block "
-            "pass channel_axis=1 to dtr.wrap (or channel_axis=-1 if the last axis is the right one)"
-        )
-    m, inactive = (_along(mask, x.ndim, axis) for mask in unit.routing.mask(call, unit, x, axis=axis))
-    base = type(module)._dtr_forward
-    if is_compiling():  # inductor fuses the mask into neighbouring kernels and derives the backward itself
-        output = _call_with_input(base, module, [x * m], args, kwargs)
-        return _with_first(output, lambda out: torch.addcmul(_same_shape(unit, x, out), x, inactive))
-    if torch.is_grad_enabled():
-        z, x_res = _RouteIn.apply(x, m)
-        output = _call_with_input(base, module, [z], args, kwargs)
-        return _with_first(output, lambda out: _RouteOut.apply(_same_shape(unit, x, out), x_res, inactive))
-    output = _call_with_input(base, module, [x * m], args, kwargs)  # no_grad: no autograd graph
-    return _with_first(output, lambda out: torch.addcmul(_same_shape(unit, x, out), x, inactive))
+    @staticmethod
+    def jvp(ctx, do: torch.Tensor, dx: torch.Tensor, dinactive: torch.Tensor | None):
+        return do + dx * ctx.inactive
 
 
-def _channel_axis(unit, x: torch.Tensor, default: int) -> int:
-    """The non-negative axis of ``x`` the mask acts on: wrap's channel_axis, else the placement's default."""
-    axis = unit.routing.spec.channel_axis
-    axis = default if axis is None else axis
+#################################################################################
+#                                 Behaviours                                     #
+#################################################################################
+
+
+class _Placement:
+    """What both placements share: the routed module's name, its R-TR index, its declared stream and width."""
+
+    intercepts_forward = False
+
+    def __init__(self, runtime: Runtime, name: str, index: int, io: BlockIO, module: nn.Module):
+        self.runtime = runtime
+        self.name = name
+        self.index = index  # the block's own draw for method="random"
+        self.io = io
+        self.input_name, self.input_position = _locate(type(module).forward, io.input)
+        self.width = declared_width(module)
+
+    def copies_with(self, memo: dict) -> bool:
+        """A block keeps its routing in a copy of the whole model; copied on its own it is a plain module."""
+        return id(self.runtime) in memo
+
+    def call(self, module: nn.Module, call_impl: Callable, args: tuple, kwargs: dict) -> Any:
+        call, pushed = self.runtime.call_for(self.name)
+        if not pushed:
+            return self.route(module, call_impl, call, args, kwargs)
+        try:  # a checkpoint recomputation: route as the call that recorded the region did
+            return self.route(module, call_impl, call, args, kwargs)
+        finally:
+            self.runtime.calls.pop(call)
+
+    def stream(self, output: Any) -> torch.Tensor:
+        """The routed stream in a module's output (``BlockIO.output``)."""
+        k = self.io.output
+        if k is None:
+            if isinstance(output, (tuple, list)):
+                raise ValueError(
+                    f"dtr: {self.name!r} returns a {type(output).__name__} of {len(output)}; say which element carries "
+                    f"the routed stream: dtr.wrap(..., block_io=dtr.BlockIO(input={self.io.input!r}, output=<index>))"
+                )
+            return output
+        if not isinstance(output, (tuple, list)) or k >= len(output):
+            got = type(output).__name__ + (f" of {len(output)}" if isinstance(output, (tuple, list)) else "")
+            raise ValueError(f"dtr: {self.name!r} was declared to return its stream as element {k}, but returned a {got}")
+        return output[k]
+
+    def with_stream(self, output: Any, value: torch.Tensor) -> Any:
+        """``output`` with its stream replaced by ``value`` (the other elements untouched)."""
+        if self.io.output is None:
+            return value
+        items = list(output)
+        items[self.io.output] = value
+        return tuple(items) if isinstance(output, tuple) else items
+
+
+class Residual(_Placement):
+    """``block(m * x) + (1 - m) * x``, each sample (or token) masked by its own task."""
+
+    def route(self, module, call_impl, call, args, kwargs):
+        x, where = self.find_input(args, kwargs)
+        axis = self.channel_axis(x)
+        m, inactive = self.runtime.masks(call, x, axis, self.index, self.name)
+        if is_compiling():  # inductor fuses the mask into neighbouring kernels and derives the backward itself
+            output = _call_with_input(call_impl, module, [x * m], where, args, kwargs)
+            return self.with_stream(output, torch.addcmul(self._same_shape(x, output), x, inactive))
+        if torch.is_grad_enabled():
+            z, x_res = _RouteIn.apply(x, m)
+            output = _call_with_input(call_impl, module, [z], where, args, kwargs)
+            return self.with_stream(output, _RouteOut.apply(self._same_shape(x, output), x_res, inactive))
+        output = _call_with_input(call_impl, module, [x * m], where, args, kwargs)  # no_grad: no autograd graph
+        return self.with_stream(output, torch.addcmul(self._same_shape(x, output), x, inactive))
+
+    def find_input(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, int | str]:
+        """The stream tensor and where it was (a position or a keyword)."""
+        if self.input_name is not None and self.input_name in kwargs:
+            x, where = kwargs[self.input_name], self.input_name
+        elif self.input_position is not None and self.input_position < len(args):
+            x, where = args[self.input_position], self.input_position
+        else:
+            raise ValueError(
+                f"dtr: routed module {self.name!r} was called without its stream argument "
+                f"{self.input_name or self.input_position!r} (got {len(args)} positional arguments and keywords "
+                f"{sorted(kwargs)}); declare it with block_io=dtr.BlockIO(input=<name or position>)"
+            )
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"dtr: the stream argument {where!r} of routed module {self.name!r} is a "
+                             f"{type(x).__name__}, not a tensor; declare it with block_io=dtr.BlockIO(input=...)")
+        return x, where
+
+    def channel_axis(self, x: torch.Tensor) -> int:
+        """The axis of ``x`` to mask: declared, or the last axis of (B, C) / (B, N, C) input; never guessed for 4-d+."""
+        axis = self.io.channel_axis
+        if axis is None:
+            if x.ndim >= 4:
+                raise ValueError(
+                    f"dtr: routed module {self.name!r} takes a {x.ndim}-d input {tuple(x.shape)}: say which axis holds "
+                    "its channels, dtr.wrap(..., channel_axis=1) for channels first (B, C, H, W) or -1 for channels last"
+                )
+            if self.width is not None and x.ndim == 3 and x.shape[-1] != self.width and x.shape[1] == self.width:
+                raise ValueError(
+                    f"dtr: residual placement masks the last axis of {self.name!r}'s input {tuple(x.shape)}, of size "
+                    f"{x.shape[-1]}, but the module's width {self.width} is axis 1: for a channels-first block pass "
+                    "channel_axis=1 to dtr.wrap (or channel_axis=-1 if the last axis is the right one)"
+                )
+            return x.ndim - 1
+        return _check_axis(axis, x, self.name)
+
+    def _same_shape(self, x: torch.Tensor, output: Any) -> torch.Tensor:
+        out = self.stream(output)
+        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(
+                f"dtr: residual placement needs a block whose output stream has its input's shape; "
+                f"{self.name!r} maps {tuple(x.shape)} to {got}. Route it with placement='gate', declare the stream "
+                "with block_io=, or choose other blocks"
+            )
+        return out
+
+
+class Gate(_Placement):
+    """``m * module(x)`` on the channel axis (1 unless declared): each sample's output masked by its own task."""
+
+    def route(self, module, call_impl, call, args, kwargs):
+        output = call_impl(module, *args, **kwargs)
+        out = self.stream(output)
+        if not isinstance(out, torch.Tensor) or out.ndim < 2:
+            raise ValueError(f"dtr: gate placement needs a tensor output with channels on an axis from {self.name!r}")
+        axis = 1 if self.io.channel_axis is None else _check_axis(self.io.channel_axis, out, self.name)
+        if self.width is not None and out.shape[axis] != self.width:
+            axes = [i for i, size in enumerate(out.shape) if size == self.width and i > 0]
+            hint = "choose another module"
+            if axes:
+                hint = f"pass channel_axis={-1 if axes[-1] == out.ndim - 1 else axes[-1]}"
+            raise ValueError(
+                f"dtr: gate placement masks axis {axis} of {self.name!r}'s output {tuple(out.shape)}, of size "
+                f"{out.shape[axis]}, but the module's width is {self.width}: {hint}"
+            )
+        m, _ = self.runtime.masks(call, out, axis, self.index, self.name)
+        return self.with_stream(output, out * m)
+
+
+#################################################################################
+#                                   Helpers                                      #
+#################################################################################
+
+
+def _locate(forward: Callable, arg: str | int) -> tuple[str | None, int | None]:
+    """(keyword, position) of a ``forward`` argument given by name or position, read off its signature."""
+    try:
+        params = list(inspect.signature(forward).parameters.values())[1:]  # without self
+    except (TypeError, ValueError):  # no signature (a builtin): take the argument as given
+        return (arg, None) if isinstance(arg, str) else (None, arg)
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    positional = [p for p in params if p.kind in kinds]
+    if isinstance(arg, int):
+        keyword = arg < len(positional) and positional[arg].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+        return (positional[arg].name if keyword else None), arg
+    names = [p.name for p in positional]
+    return arg, (names.index(arg) if arg in names else None)
+
+
+def _check_axis(axis: int, x: torch.Tensor, name: str) -> int:
+    """``axis`` as a non-negative channel axis of ``x`` (not the batch axis)."""
     if not -x.ndim < axis < x.ndim or axis % x.ndim == 0:
-        raise ValueError(f"dtr: channel_axis={axis} is not a channel axis of {unit.name!r}'s {x.ndim}-d tensor "
+        raise ValueError(f"dtr: channel_axis={axis} is not a channel axis of {name!r}'s {x.ndim}-d tensor "
                          f"{tuple(x.shape)} (allowed: 1 to {x.ndim - 1}, or -1 to {1 - x.ndim})")
     return axis % x.ndim
 
 
-def _along(m: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
-    """A (B, C) mask viewed to broadcast over an ``ndim``-d tensor with its channels on ``axis``."""
-    shape = [1] * ndim
-    shape[0], shape[axis] = m.shape
-    return m.view(shape)
+def _call_with_input(call_impl, module: nn.Module, box: list, where: int | str, args: tuple, kwargs: dict):
+    """``call_impl(module, *args, **kwargs)`` with the stream argument replaced by the tensor in ``box``.
 
-
-def _call_with_input(base, module: nn.Module, box: list, args: tuple, kwargs: dict):
-    """``base(module, *args, **kwargs)`` with the main input replaced by the tensor in ``box``.
-
-    A plain positional call hands the masked input over to the block without keeping a reference,
-    so a block that rebinds its input (``x = x + ...``, as DiT's does) frees it early: under no_grad
-    the masked copy costs no peak memory.  Calls with keywords keep it alive until the block returns.
+    A module without hooks is called as ``nn.Module._call_impl`` would call it, ``module.forward(...)``, and a
+    plain positional call hands the masked input over without keeping a reference: a block that rebinds its
+    input (``x = x + ...``, as DiT's does) frees it early, so under no_grad the masked copy costs no peak
+    memory.  Other calls keep it alive until the block returns.
     """
-    if args and isinstance(args[0], torch.Tensor) and not kwargs:
-        rest = args[1:]
+    if where == 0 and not kwargs and not is_compiling() and _hook_free(module):
+        forward, rest = module.forward, args[1:]
         if len(rest) == 0:
-            return base(module, box.pop())
+            return forward(box.pop())
         if len(rest) == 1:
-            return base(module, box.pop(), rest[0])
+            return forward(box.pop(), rest[0])
         if len(rest) == 2:
-            return base(module, box.pop(), rest[0], rest[1])
-    a, k = replace_input(args, kwargs, box.pop())
-    return base(module, *a, **k)
+            return forward(box.pop(), rest[0], rest[1])
+    if isinstance(where, str):
+        return call_impl(module, *args, **{**kwargs, where: box.pop()})
+    return call_impl(module, *args[:where], box.pop(), *args[where + 1 :], **kwargs)
 
 
-def _same_shape(unit, x: torch.Tensor, out: Any) -> torch.Tensor:
-    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(
-            f"dtr: residual placement needs a block whose output has its input's shape; "
-            f"{unit.name!r} maps {tuple(x.shape)} to {got}. Route it with placement='gate' or choose other blocks"
-        )
-    return out
+def _hook_free(module: nn.Module) -> bool:
+    """No forward or backward hook on ``module`` or global: ``_call_impl`` would just call ``forward``."""
+    return not (
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
+        or _hooks._global_forward_hooks or _hooks._global_forward_pre_hooks
+        or _hooks._global_backward_hooks or _hooks._global_backward_pre_hooks
+        or torch._C._get_tracing_state()
+    )
 
 
-#################################################################################
-#                       Gate placement: out = m * module(x)                     #
-#################################################################################
+def declared_width(module: nn.Module) -> int | None:
+    """The channel width a module declares (norms, linear layers, common attribute names), or None."""
+    if isinstance(module, nn.GroupNorm):
+        return module.num_channels
+    for attr in ("num_channels", "normalized_shape", "hidden_size", "out_features", "out_channels", "dim"):
+        v = getattr(module, attr, None)
+        if isinstance(v, int) and not isinstance(v, bool):
+            return v
+        if isinstance(v, (tuple, list)) and v and isinstance(v[-1], int):
+            return v[-1]
+    for child in module.modules():
+        if isinstance(child, nn.LayerNorm) and child.normalized_shape:
+            return child.normalized_shape[-1]
+    return None
 
 
-def _gate(module: nn.Module, unit, call, x: torch.Tensor | None, args: tuple, kwargs: dict):
-    """The module's output multiplied by the mask on channel axis 1 (a norm before a zero-initialised layer)."""
-    output = type(module)._dtr_forward(module, *args, **kwargs)
-
-    def gate(out):
-        if not isinstance(out, torch.Tensor) or out.ndim < 2:
-            raise ValueError(f"dtr: gate placement needs a tensor output with channels on axis 1 from {unit.name!r}")
-        axis = _channel_axis(unit, out, default=1)
-        m, _ = unit.routing.mask(call, unit, out, axis=axis)
-        return out * _along(m, out.ndim, axis)
-
-    return _with_first(output, gate)
-
-
-def _with_first(output: Any, fn) -> Any:
-    """Apply ``fn`` to a module's output, or to the first element of a tuple output (diffusers blocks)."""
-    if isinstance(output, tuple):
-        return (fn(output[0]), *output[1:])
-    return fn(output)
-
-
-#################################################################################
-#                            The routed forwards                                #
-#################################################################################
-
-
-def _call_forward(self, *args, **kwargs):
-    """The routed model's forward: its original forward inside one ``Call`` of its own."""
-    unit = getattr(self, "_dtr_unit", None)
-    if unit is None:  # a new instance the module made of its own class (a slice of a Sequential): not routed
-        return type(self)._dtr_forward(self, *args, **kwargs)
-    routing = unit.routing
-    tasks = None
-    if routing.spec.timestep_module == "":
-        tasks = routing.tasks_from(find_timestep(args, kwargs, routing.timestep_args, ""))
-    call = routing.calls.push(tasks)
-    try:
-        return type(self)._dtr_forward(self, *args, **kwargs)
-    finally:
-        routing.calls.pop(call)
-
-
-def _capture_forward(self, *args, **kwargs):
-    """The module the timestep enters: record this call's tasks, then run as usual."""
-    unit = getattr(self, "_dtr_unit", None)
-    call = None if unit is None else unit.routing.calls.current()
-    if call is not None:
-        routing = unit.routing
-        call.tasks = routing.tasks_from(find_timestep(args, kwargs, routing.timestep_args, routing.spec.timestep_module))
-        call.masks = {}
-    return type(self)._dtr_forward(self, *args, **kwargs)
-
-
-def _routed_forward(self, *args, **kwargs):
-    """A routed (or enclosing) module: route by the current call, or by the call a checkpoint is recomputing."""
-    unit = getattr(self, "_dtr_unit", None)
-    if unit is None:
-        return type(self)._dtr_forward(self, *args, **kwargs)
-    routing = unit.routing
-    x = find_input(args, kwargs)
-    call = routing.calls.current()
-    if call is not None and call.tasks is not None:
-        routing.replay.remember(x, call.tasks)
-        return _apply(self, unit, call, x, args, kwargs)
-    tasks = routing.replay.recall(x)
-    if tasks is None:
-        if unit.placement == "anchor":  # a routed module inside will say what is missing
-            return type(self)._dtr_forward(self, *args, **kwargs)
-        raise RuntimeError(
-            f"dtr: routed module {unit.name!r} ran without a timestep: call the model itself "
-            f"(the timestep is read at {routing.spec.timestep_module or 'the model call'!r}); "
-            "gradient checkpointing must use torch.utils.checkpoint(..., use_reentrant=False)"
-        )
-    call = routing.calls.push(tasks)  # a recomputation: route as the original call did
-    try:
-        return _apply(self, unit, call, x, args, kwargs)
-    finally:
-        routing.calls.pop(call)
-
-
-def _apply(module: nn.Module, unit, call, x, args: tuple, kwargs: dict):
-    if unit.placement == "residual":
-        if x is None:
-            raise ValueError(f"dtr: cannot find the input tensor of routed module {unit.name!r} (first positional or hidden_states=)")
-        return _residual(module, unit, call, x, args, kwargs)
-    if unit.placement == "gate":
-        return _gate(module, unit, call, x, args, kwargs)
-    return type(module)._dtr_forward(module, *args, **kwargs)
-
-
-FORWARDS = {"call": _call_forward, "capture": _capture_forward, "residual": _routed_forward, "gate": _routed_forward,
-            "anchor": _routed_forward}
-
-
-@functools.lru_cache(maxsize=None)
-def routed_class(base: type, role: str) -> type:
-    """The subclass of ``base`` a module of that class becomes in ``role`` (one class per (base, role)).
-
-    It keeps the base's name, so reprs and diffusers' saved configs are unchanged.  Its forward gets a
-    code object of its own: TorchDynamo keeps one compile cache (and recompile budget) per code object,
-    so each routed class compiles as independently as the unrouted classes do.
-    """
-    template = FORWARDS[role]
-    code = template.__code__.replace(co_name=f"{template.__name__}_{base.__name__}")
-    forward = types.FunctionType(code, template.__globals__, code.co_name, template.__defaults__, template.__closure__)
-    forward.__doc__, forward.__wrapped__ = template.__doc__, base.forward
-    # _dtr_forward: the base's forward read off the routed class, not off the base: diffusers marks some block
-    # classes allow_in_graph, and TorchDynamo cannot trace `Base.forward` read off such a class (a graph break)
-    namespace = {"forward": forward, "__reduce_ex__": _reduce_routed, "_dtr_base": base, "_dtr_role": role,
-                 "_dtr_forward": base.forward,
-                 "__module__": base.__module__, "__qualname__": base.__qualname__, "__doc__": base.__doc__}
-    if role == "call" and callable(getattr(base, "save_pretrained", None)):
-        namespace["save_pretrained"] = _save_pretrained
-    return type(base.__name__, (base,), namespace)
-
-
-def _save_pretrained(self, save_directory, *args, **kwargs):
-    """The model class's own save_pretrained, then ``dtr_config.json``: a routed model saves its routing too."""
-    type(self)._dtr_base.save_pretrained(self, save_directory, *args, **kwargs)
-    if getattr(self, "_dtr_unit", None) is not None and kwargs.get("is_main_process", True):
-        from .pretrained import write_config  # pretrained imports api, which imports this module
-
-        write_config(self, save_directory)
-
-
-def _reduce_routed(self, protocol: int):
-    """Pickle and deepcopy a routed module as an instance of its (importable) base class, re-routed on load."""
-    cls = type(self)
-    return _new_routed, (cls._dtr_base, cls._dtr_role), self.__getstate__()
-
-
-def _new_routed(base: type, role: str) -> nn.Module:
-    cls = routed_class(base, role)
-    return cls.__new__(cls)
+def _new_routed(*args):
+    """A whole-model pickle written by dtr 0.2 names this function: say how to carry such a model over."""
+    raise RuntimeError(
+        "this model was pickled whole by dtr 0.2, whose routing objects this dtr cannot rebuild: load it with "
+        "dtr 0.2, save model.state_dict() (routing adds no keys), then build the model, load_state_dict and dtr.wrap it"
+    )

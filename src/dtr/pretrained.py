@@ -13,10 +13,11 @@ from typing import Any
 from torch import nn
 
 from .adapters import find_adapter
-from .api import inner_model, routing_of, wrap
+from .api import inner_model, routing_of, wrap_with
+from .spec import BlockIO, RoutingConfig
 
 CONFIG_NAME = "dtr_config.json"
-FORMAT_VERSION = 1  # bump when a field changes meaning; from_pretrained refuses versions it does not know
+FORMAT_VERSION = 2  # bump when a field changes meaning; from_pretrained refuses versions it does not know
 
 
 def routing_config(model: nn.Module) -> dict:
@@ -52,7 +53,9 @@ def save_pretrained(model: nn.Module, folder: str, **kwargs: Any) -> None:
     if not hasattr(inner, "save_pretrained"):
         raise TypeError(f"{type(inner).__name__} has no save_pretrained (not a diffusers/transformers-style model): "
                         "save its state_dict with torch.save and the routing with dtr.routing_of(model).config")
-    inner.save_pretrained(folder, **kwargs)  # the routed class's save_pretrained writes dtr_config.json too
+    inner.save_pretrained(folder, **kwargs)
+    if kwargs.get("is_main_process", True):
+        write_config(inner, folder)
 
 
 def read_config(folder: str) -> dict:
@@ -65,7 +68,7 @@ def read_config(folder: str) -> dict:
     with open(path) as f:
         config = json.load(f)
     version = config.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in (1, FORMAT_VERSION):
         raise ValueError(f"{path} has format_version {version!r}; this dtr reads format_version {FORMAT_VERSION} "
                          f"(written by dtr {config.get('dtr_version', '?')}): install a dtr that matches it")
     return config
@@ -73,15 +76,18 @@ def read_config(folder: str) -> dict:
 
 def wrap_from_config(model: nn.Module, config: dict):
     """Route ``model`` as ``config`` (a ``Routing.config`` or a ``dtr_config.json``) says; returns the handle."""
+    numbers = RoutingConfig.from_dict(config)
     blocks = tuple(config["blocks"])
     spec = find_adapter(inner_model(model))
     if spec is not None and spec.blocks == blocks:
         blocks = None  # what the model's adapter chooses anyway: keep its name in the summary
-    return wrap(model, config["sharing_ratio"], alpha=config["alpha"], method=config["method"],
-                num_tasks=config["num_tasks"], seed=config["seed"], blocks=blocks and list(blocks),
-                placement=config["placement"], timestep_module=config["timestep_module"],
-                timestep_arg=tuple(config["timestep_arg"]), timestep_kind=config["timestep_kind"],
-                channel_axis=config.get("channel_axis"))
+    arg = config["timestep_arg"]
+    if isinstance(arg, list):  # format 1 (dtr 0.2): positions and names tried in order
+        arg = next((a for a in arg if isinstance(a, str)), arg[0] if arg else None)
+    io = {name: BlockIO(**v) for name, v in config.get("io", {}).items()}
+    return wrap_with(model, numbers, blocks=blocks and list(blocks), placement=config["placement"],
+                     block_io=io or None, timestep_module=config["timestep_module"] or None, timestep_arg=arg,
+                     timestep_kind=config["timestep_kind"], channel_axis=config.get("channel_axis"))
 
 
 def from_pretrained(model_class: type, folder: str, **kwargs: Any) -> nn.Module:

@@ -11,7 +11,7 @@ from typing import Callable
 
 from torch import nn
 
-from ..routing import RoutingSpec
+from ..spec import RoutingSpec
 from .diffusers import diffusers_dit_spec, diffusers_unet_spec
 from .dit import dit_spec
 from .sit import sit_spec

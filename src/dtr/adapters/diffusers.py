@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..routing import RoutingSpec
+from ..spec import RoutingSpec
 
 UNETS = ("UNet2DModel", "UNet2DConditionModel")
 RESNETS = ("ResnetBlock2D", "ResnetBlockCondNorm2D")
@@ -47,10 +47,11 @@ def diffusers_unet_spec(model: nn.Module) -> RoutingSpec | None:
     return RoutingSpec(
         blocks=tuple(unet_gate_modules(model)),
         placement="gate",
-        timestep_module="",
-        timestep_arg=(1, "timestep"),
+        timestep_arg="timestep",
         timestep_kind=None if fourier else "index",
         adapter=f"diffusers {type(model).__name__}",
+        note="a Fourier time embedding takes a noise level sigma, not a step index: convert sigma to a step index "
+        "or to [0, 1] yourself" if fourier else "",
     )
 
 
@@ -61,8 +62,7 @@ def diffusers_dit_spec(model: nn.Module) -> RoutingSpec | None:
     return RoutingSpec(
         blocks=tuple(f"transformer_blocks.{i}" for i in range(len(model.transformer_blocks))),
         placement="residual",
-        timestep_module="",
-        timestep_arg=(1, "timestep"),
+        timestep_arg="timestep",
         timestep_kind="index",
         adapter="diffusers DiTTransformer2DModel",
     )

@@ -1,15 +1,16 @@
 """DiT-style transformers: this project's reference DiT and facebookresearch/DiT code.
 
-Residual placement on every ``blocks.N`` (not the final layer).  The timestep is the model's
-second argument; ``forward_with_cfg`` (ours calls ``self(...)``, DiT's original calls
-``self.forward``) routes too, since routing replaces the model's ``forward`` itself.
+Residual placement on every ``blocks.N`` (not the final layer): each block's stream is its first argument
+``x`` and its output (``BlockIO()``).  The timestep is the model's argument ``t``; ``forward_with_cfg`` (ours
+calls ``self(...)``, DiT's original calls ``self.forward``) routes too, since routing sees direct
+``forward`` calls of the model.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from ..routing import RoutingSpec
+from ..spec import RoutingSpec
 
 
 def dit_spec(model: nn.Module) -> RoutingSpec | None:
@@ -20,8 +21,7 @@ def dit_spec(model: nn.Module) -> RoutingSpec | None:
     return RoutingSpec(
         blocks=tuple(f"blocks.{i}" for i in range(len(model.blocks))),
         placement="residual",
-        timestep_module="",
-        timestep_arg=(1, "t"),
+        timestep_arg="t",
         timestep_kind="index",
         adapter="DiT",
     )

@@ -11,7 +11,7 @@ from dataclasses import replace
 
 from torch import nn
 
-from ..routing import RoutingSpec
+from ..spec import RoutingSpec
 from .dit import dit_spec
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..routing import RoutingSpec
+from ..spec import RoutingSpec
 
 
 def _join(prefix: str, name: str) -> str:
@@ -40,8 +40,7 @@ def adm_unet_spec(model: nn.Module) -> RoutingSpec | None:
     return RoutingSpec(
         blocks=tuple(blocks),
         placement="gate",
-        timestep_module="",
-        timestep_arg=(1, "timesteps", "t", "timestep"),
+        timestep_arg=1,
         timestep_kind="index",
         adapter="ADM U-Net",
     )
