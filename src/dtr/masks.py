@@ -148,12 +148,19 @@ def resolve_seed(seed: int | None) -> int:
 #################################################################################
 
 
+# Floats a scheduler's rounding puts just outside the range (Sana-Sprint's first sigma is 1.0000037) count as its
+# end: a relative slack this small never moves a timestep by a task.
+FLOAT_SLACK = 1e-4
+
+
 def timesteps_to_tasks(t: Any, num_tasks: int, kind: str = "index") -> torch.Tensor:
     """Map the timesteps a model receives to task indices in [0, T), checking the range.
 
     ``"index"``: DDPM timesteps, ints or floats in [0, T] (floats from Euler/Karras schedulers and sigma*1000
-    are rounded to the nearest task; flow matching's ``T`` itself is task T-1).
-    ``"unit"``: continuous t in [0, 1], 0 = data (flow matching's sigma); ``"unit_reversed"``: 1 = data (SiT).
+    are rounded to the nearest task; flow matching's ``T`` itself is task T-1); ``"index_reversed"``: floats
+    or ints in [0, T] with T = data (Mochi's (1 - sigma) * 1000).
+    ``"unit"``: continuous t in [0, 1], 0 = data (flow matching's sigma); ``"unit_reversed"``: 1 = data (SiT,
+    Lumina's 1 - sigma).  Floats within ``FLOAT_SLACK`` of the range count as its end.
     Accepts a scalar, one timestep per sample (B,), or one per token (B, N); returns long task indices of
     the same shape.
     """
@@ -169,12 +176,17 @@ def timesteps_to_tasks(t: Any, num_tasks: int, kind: str = "index") -> torch.Ten
         raise TypeError(f"timesteps must be integer or floating point, got {t.dtype}")
     if not t.dtype.is_floating_point:
         t = t.long()  # uint8/int16 timesteps: compare and index in int64, where T fits
-    hi = num_tasks if kind == "index" else 1
+    unit = kind in ("unit", "unit_reversed")
+    hi = 1 if unit else num_tasks
     _check_range(t, hi, kind)
+    if t.dtype.is_floating_point:
+        t = t.clamp(0, hi)  # only the slack moves
     if kind == "index":
         if t.dtype.is_floating_point:
             return torch.round(t).long().clamp_(max=num_tasks - 1)  # only t in (T - 0.5, T] moves: it is task T-1
         return t
+    if kind == "index_reversed":  # T - t is an "index" timestep
+        return torch.round(num_tasks - t).long().clamp_(max=num_tasks - 1)
     u = t.double() if t.device.type != "mps" else t.float()
     if kind == "unit_reversed":
         u = 1.0 - u
@@ -182,7 +194,7 @@ def timesteps_to_tasks(t: Any, num_tasks: int, kind: str = "index") -> torch.Ten
 
 
 def _check_range(t: torch.Tensor, hi: float, kind: str) -> None:
-    """Fail on timesteps outside [0, hi] (integers: [0, hi)); asynchronously on accelerators.
+    """Fail on timesteps outside [0, hi] (integer DDPM indices: [0, hi)); asynchronously on accelerators.
 
     On CUDA the check is a device-side assert (no host sync on the hot path): it fails the next
     synchronising call and ends the CUDA context, as any device assert does.
@@ -190,8 +202,12 @@ def _check_range(t: torch.Tensor, hi: float, kind: str) -> None:
     if kind == "index" and not t.dtype.is_floating_point:
         ok = (t >= 0) & (t < hi)
         allowed = f"[0, {hi}) (integer DDPM timesteps)"
+    elif not t.dtype.is_floating_point:
+        ok = (t >= 0) & (t <= hi)
+        allowed = f"[0, {hi}] (timestep_kind={kind!r})"
     else:
-        ok = (t >= 0) & (t <= hi)  # NaN fails too
+        slack = FLOAT_SLACK * hi
+        ok = (t >= -slack) & (t <= hi + slack)  # NaN fails too
         allowed = f"[0, {hi}]" + (" (float DDPM timesteps)" if kind == "index" else f" (timestep_kind={kind!r})")
     if is_compiling() or t.device.type not in ("cpu", "meta"):
         torch._assert_async(ok.all(), f"dtr: timesteps outside {allowed}")

@@ -14,7 +14,7 @@ from .validation import check_alpha, check_choice, check_int, check_seed, check_
 
 METHODS = ("dtr", "random")
 PLACEMENTS = ("residual", "gate")
-TIMESTEP_KINDS = ("index", "unit", "unit_reversed")
+TIMESTEP_KINDS = ("index", "index_reversed", "unit", "unit_reversed")
 # Parameter names read as the timestep of a model that no adapter knows (declared by name, never by position).
 TIMESTEP_NAMES = ("t", "timestep", "timesteps")
 
@@ -96,7 +96,8 @@ class RoutingSpec:
     io: Mapping[str, BlockIO] = field(default_factory=dict)  # block class name -> BlockIO (others: BlockIO())
     timestep_module: str = ""  # dotted name of the module whose call receives the timestep; "" = the model
     timestep_arg: str | int | None = None  # its parameter name or position; None: the first of TIMESTEP_NAMES
-    timestep_kind: str | None = "index"  # "index" | "unit" (t in [0, 1], 0 = data) | "unit_reversed" (1 = data)
+    timestep_kind: str | None = "index"  # see dtr.timesteps_to_tasks: "index" (DDPM steps, sigma*1000),
+    # "index_reversed" ([0, T], T = data), "unit" (t in [0, 1], 0 = data: flow sigma), "unit_reversed" (1 = data)
     # (None: the adapter cannot tell what the timestep means; wrap asks for timestep_kind=)
     adapter: str = "custom"
     note: str = ""  # what the summary should tell a user (e.g. which pipeline's timestep convention was chosen)
