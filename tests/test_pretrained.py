@@ -9,7 +9,7 @@ import torch
 from diffusers import DiTTransformer2DModel, UNet2DModel
 
 import dtr
-from test_adapters import INDEX_T, dit_call, diffusers_dit, unet2d, unet2d_call
+from helpers import INDEX_T, dit_call, diffusers_dit, unet2d, unet2d_call
 
 MODELS = {"UNet2DModel": (UNet2DModel, unet2d, unet2d_call), "DiTTransformer2DModel": (DiTTransformer2DModel, diffusers_dit, dit_call)}
 
