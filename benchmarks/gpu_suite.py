@@ -102,15 +102,17 @@ def run_resume(spec, timeout, log):
                                     f"general.resume={resumed[n]}"], deadline - time.time(), log, cwd=tmp)
         if rc != 0:
             return rc, None
-        a = torch.load(_checkpoints(os.path.join(tmp, "straight"))[2 * n], map_location="cpu", weights_only=True)
-        b = torch.load(_checkpoints(os.path.join(tmp, "resumed"))[2 * n], map_location="cpu", weights_only=True)
+        from runs import load_checkpoint  # verified against its digest, as a resume reads it
+
+        a, _ = load_checkpoint(_checkpoints(os.path.join(tmp, "straight"))[2 * n])
+        b, _ = load_checkpoint(_checkpoints(os.path.join(tmp, "resumed"))[2 * n])
         differ = [f"{k}.{name}" for k in ("model", "ema") for name in a[k] if not torch.equal(a[k][name], b[k][name])]
     return (0 if not differ else 1), dict(steps=2 * n, resumed_at=n, bit_identical=not differ, differing=differ[:10])
 
 
 def _checkpoints(results_dir):
-    """{step: path} of the one run under a results folder, as train.py itself reads a checkpoints folder."""
-    from train import checkpoints_in  # imported here: only this part needs the recipe (omegaconf, data, ...)
+    """{step: path} of the one run under a results folder, as the recipe itself reads a checkpoints folder."""
+    from runs import checkpoints_in  # imported here: only this part needs the recipe (omegaconf, ...)
 
     (folder,) = glob.glob(os.path.join(results_dir, "**", "checkpoints"), recursive=True)
     return checkpoints_in(folder)

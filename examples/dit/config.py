@@ -355,6 +355,11 @@ def input_size(cfg):
     return cfg.general.image_size if cfg.data.name == "digits" else cfg.general.image_size // vae_geometry(cfg)[1]
 
 
+def model_string(cfg):
+    """DiT-XL/2 -> DiT-XL-2, for folder names."""
+    return cfg.models.name.replace("/", "-")
+
+
 def routing_method(cfg):
     """dtr.wrap's method for models.routing.init_method ("DTR" -> "dtr")."""
     return "random" if cfg.models.routing.init_method == "random" else "dtr"

@@ -17,7 +17,6 @@ import torch
 
 from dtr.viz import plot_masks as plot_task_masks
 
-import common
 import config
 import evaluate
 import sample
@@ -56,7 +55,7 @@ def main(argv=()):
 
     # Sample and evaluate the checkpoint just written (not the derived version 000):
     cfg.eval.ckpt = result["checkpoint"]
-    out_dir = os.path.join(cfg.eval.samples_dir, common.model_string(cfg))
+    out_dir = os.path.join(cfg.eval.samples_dir, config.model_string(cfg))
     os.makedirs(out_dir, exist_ok=True)
     print(f"== Sampling a grid, then {cfg.eval.num_fid_samples} samples ({cfg.eval.num_sampling_steps} steps, cfg {cfg.eval.cfg_scale})")
     cfg.eval.grid = os.path.join(out_dir, "grid.png")

@@ -15,13 +15,14 @@ from torchvision.utils import save_image
 
 import common
 import config
+import runs
 
 
 def grid_path(cfg):
     if cfg.eval.grid is not None:
         return cfg.eval.grid
-    ckpt = os.path.splitext(os.path.basename(common.checkpoint_path(cfg)))[0]
-    return os.path.join(cfg.eval.samples_dir, common.model_string(cfg), f"grid-{ckpt}-cfg-{cfg.eval.cfg_scale}.png")
+    ckpt = os.path.splitext(os.path.basename(runs.checkpoint_path(cfg)))[0]
+    return os.path.join(cfg.eval.samples_dir, config.model_string(cfg), f"grid-{ckpt}-cfg-{cfg.eval.cfg_scale}.png")
 
 
 @torch.no_grad()

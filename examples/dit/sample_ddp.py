@@ -33,7 +33,7 @@ def sample_folder(cfg):
     if cfg.data.num_classes > 1:
         name += f"-cfg-{e.cfg_scale}"
     name += f"-seed-{g.global_seed}"
-    return os.path.join(e.samples_dir, common.model_string(cfg), name)
+    return os.path.join(e.samples_dir, config.model_string(cfg), name)
 
 
 def assemble_npz(folder, world_size, num_samples):
@@ -67,7 +67,7 @@ def main(cfg):
     logger = common.create_logger(None, rank)
 
     # Load the model, the sampling diffusion and the VAE:
-    model = common.load_model_for_sampling(cfg, device, logger)
+    model = common.load_model_for_sampling(cfg, device, logger.info)
     diffusion = common.sampling_diffusion(cfg)
     vae = common.load_vae(cfg, device) if cfg.data.name != "digits" else None
     channels, size = config.in_channels(cfg), config.input_size(cfg)

@@ -5,15 +5,14 @@ import subprocess
 import sys
 
 import pytest
+from recipe_helpers import EXAMPLES_DIT
 
-import common
 import config
 import evaluate
+import runs
 import sample_ddp
 import train
 from config import ConfigError
-
-EXAMPLES_DIT = os.path.dirname(os.path.abspath(config.__file__))
 
 
 def test_defaults_are_the_papers():
@@ -37,7 +36,7 @@ def test_paper_command_line():
     assert cfg.general.data_path == "/data/imagenet/train" and cfg.general.loss_weight_type == "uw"
     assert cfg.logs.results_dir == "results/ImageNet/linear_scheduling/DTR_0.8_uw"
     assert cfg.eval.samples_dir == "samples/ImageNet/linear_scheduling/DTR_0.8_uw"
-    assert common.checkpoint_path(cfg) == "results/ImageNet/linear_scheduling/DTR_0.8_uw/DiT-L-2/000/checkpoints/0400000.pt"
+    assert runs.checkpoint_path(cfg) == "results/ImageNet/linear_scheduling/DTR_0.8_uw/DiT-L-2/000/checkpoints/0400000.pt"
     assert sample_ddp.sample_folder(cfg) == (
         "samples/ImageNet/linear_scheduling/DTR_0.8_uw/DiT-L-2/0400000-size-256-vae-ema-samples-50000-cfg-1.5-seed-0")
     assert evaluate.sample_batch_path(cfg).endswith("-seed-0.npz")
@@ -48,11 +47,11 @@ def test_baseline_and_overrides():
                        "eval.ckpt_path.version=2", "eval.ckpt_path.iterations=50000"])
     assert cfg.models.routing.sharing_ratio == 1.0 and not config.is_routed(cfg)
     assert cfg.logs.results_dir.endswith("DTR_1.0_min_snr_5")
-    assert common.checkpoint_path(cfg).endswith("DiT-L-2/002/checkpoints/0050000.pt")
+    assert runs.checkpoint_path(cfg).endswith("DiT-L-2/002/checkpoints/0050000.pt")
     cfg = config.load(["eval.ckpt=/ckpts/x.pt", "eval.samples_dir=/s", "logs.results_dir=/r", "models.routing.init_method=random"])
-    assert common.checkpoint_path(cfg) == "/ckpts/x.pt"
+    assert runs.checkpoint_path(cfg) == "/ckpts/x.pt"
     assert sample_ddp.sample_folder(cfg).startswith("/s/DiT-L-2/x-size-256")
-    assert train.new_experiment_dir(cfg) == "/r/DiT-L-2/000"
+    assert runs.new_experiment_dir(runs.experiment_root(cfg)) == "/r/DiT-L-2/000"
     assert config.routing_method(cfg) == "random"
 
 
@@ -68,10 +67,11 @@ def test_digits_preset():
 
 
 def test_new_experiment_dir_counts_up(tmp_path):
-    cfg = config.load([f"logs.results_dir={tmp_path}"])
-    assert train.new_experiment_dir(cfg).endswith("DiT-L-2/000")
-    os.makedirs(train.new_experiment_dir(cfg))
-    assert train.new_experiment_dir(cfg).endswith("DiT-L-2/001")
+    root = runs.experiment_root(config.load([f"logs.results_dir={tmp_path}"]))
+    assert root == str(tmp_path / "DiT-L-2")
+    assert runs.new_experiment_dir(root).endswith("DiT-L-2/000")
+    os.makedirs(runs.new_experiment_dir(root))
+    assert runs.new_experiment_dir(root).endswith("DiT-L-2/001")
 
 
 @pytest.mark.parametrize("argv, names", [
@@ -121,10 +121,11 @@ def test_train_needs_data_path(tmp_path):
         train.main(cfg)
 
 
-def test_help_lists_the_keys():
-    r = subprocess.run([sys.executable, os.path.join(EXAMPLES_DIT, "sample_ddp.py"), "--help"],
-                       capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=120)
-    assert r.returncode == 0 and "loss_weight_type: constant" in r.stdout and "num_fid_samples: 50000" in r.stdout
+def test_help_lists_the_keys(capsys):
+    with pytest.raises(SystemExit) as stop:
+        config.run(sample_ddp.main, ["data=digits", "--help"])
+    out = capsys.readouterr().out
+    assert stop.value.code == 0 and "loss_weight_type: constant" in out and "num_fid_samples: 50000" in out
 
 
 def test_reproduce_script_commands(tmp_path):

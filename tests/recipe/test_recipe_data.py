@@ -1,6 +1,5 @@
 """The recipe's data (examples/dit/data.py, extract_latents.py): ADM crop, corrupt files, latents, order."""
 
-import json
 import os
 
 import numpy as np
@@ -8,10 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
+from recipe_helpers import make_image_folder, write_tiny_vae
+
 import config
 import data
 from data import ImageFolderDataset, LatentsDataset, ResumableSampler, center_crop_arr
-from conftest import TINY_VAE, make_image_folder
 
 
 def test_center_crop_is_adms():
@@ -72,8 +72,7 @@ def test_extract_latents_matches_the_vae(tmp_path):
     import extract_latents
 
     root = make_image_folder(str(tmp_path / "imgs"), classes=2, per_class=3)
-    vae_json = tmp_path / "vae.json"
-    vae_json.write_text(json.dumps(TINY_VAE))
+    vae_json = write_tiny_vae(tmp_path)
     cfg = config.load([f"general.data_path={root}", f"general.vae_config={vae_json}", "general.image_size=32",
                        "general.num_workers=0", "general.global_batch_size=4", "data.num_classes=2", "general.device=cpu"])
     out = extract_latents.main(cfg)

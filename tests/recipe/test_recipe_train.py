@@ -1,61 +1,57 @@
-"""train.py of the recipe: torchrun (2 processes, gloo) on digits and on an ImageFolder through a VAE
-built from its config, exact resume, precomputed latents. CPU only, no download."""
+"""train.py of the recipe: torchrun (2 processes, gloo) on digits against the reference step and on an ImageFolder
+through a VAE built from its config, exact resume, precomputed latents, gradient checkpointing, random routing.
+CPU only, no download."""
 
-import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
+from recipe_helpers import (
+    DIGITS,
+    TINY,
+    assert_same_training_state,
+    load,
+    make_image_folder,
+    run_script,
+    write_tiny_vae,
+)
+from recipe_reference import REFERENCE_KEYS, assert_matches_reference, reference
 
 import config
+import models
+import runs
 import train
-from conftest import TINY_VAE, assert_same_training_state, make_image_folder
-
-EXAMPLES_DIT = os.path.dirname(os.path.abspath(config.__file__))
-TINY = ["models.name=DiT-T/2", "models.depth=2", "models.hidden_size=32", "general.num_workers=0", "general.device=cpu"]
-
-
-def torchrun(script, args, cwd, nproc=2):
-    env = dict(os.environ, OMP_NUM_THREADS="1", XDG_CACHE_HOME=str(cwd / "cache"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           os.path.join(EXAMPLES_DIT, script), *args]
-    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, f"{script} failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
-    return r
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 @pytest.mark.slow
-def test_torchrun_digits(tmp_path):
-    """Two gloo processes on digits: the checkpoint holds everything, loads with weights_only=True."""
-    args = ["data=digits", *TINY, "general.iterations=4", "general.global_batch_size=16", "logs.log_every=2",
-            "logs.ckpt_every=100", "logs.results_dir=res", "general.loss_weight_type=min_snr_5",
-            "models.routing.init_method=random", "logs.tensorboard=true"]
-    torchrun("train.py", args, tmp_path)
+def test_torchrun_digits_matches_the_reference(tmp_path):
+    """Two gloo processes, Min-SNR and DTR with a non-default alpha and task count: the checkpoint holds the
+    reference's weights, EMA and optimizer state (gradients averaged over the ranks, each rank its own data,
+    timesteps, noise and label dropout), loads with weights_only=True, and the log and tensorboard say so."""
+    args = [*REFERENCE_KEYS, "general.global_batch_size=16", "general.loss_weight_type=min_snr_3",
+            "models.routing.sharing_ratio=0.75", "logs.log_every=2", "logs.ckpt_every=100", "logs.tensorboard=true"]
+    run_script("train.py", args, tmp_path, nproc=2)
     exp = tmp_path / "res" / "DiT-T-2" / "000"
     ckpt = load(exp / "checkpoints" / "0000004.pt")
-    assert set(ckpt) == {"model", "ema", "opt", "uw", "config", "step", "rng"}
-    assert ckpt["step"] == 4 and ckpt["uw"] is None and len(ckpt["rng"]) == 2
-    assert ckpt["config"]["general"]["loss_weight_type"] == "min_snr_5"
-    assert ckpt["model"].keys() == ckpt["ema"].keys()
+    assert set(ckpt) == {*runs.CONTENTS, "digest"} and len(ckpt["rng"]) == 2
     assert not any("mask" in k or "rout" in k for k in ckpt["model"])  # routing adds no state
-    assert not torch.equal(ckpt["model"]["blocks.0.attn.qkv.weight"], ckpt["ema"]["blocks.0.attn.qkv.weight"])
+    ref = reference("min_snr_3", 0.75, world_size=2, batch=16)
+    assert_matches_reference(ckpt, ref)
     log = (exp / "log.txt").read_text()
-    assert "2 process(es)" in log and "DTR routing" in log and "method=random" in log
-    assert "(step=0000002, epoch=0) Train Loss: " in log and "(step=0000004, epoch=0) Train Loss: " in log
+    assert "2 process(es)" in log and "DTR routing" in log
+    lines = [line for line in log.splitlines() if "Train Loss" in line]
+    assert "(step=0000002, epoch=0) Train Loss: " in lines[0] and "(step=0000004, epoch=0) Train Loss: " in lines[1]
+    ref_loss = sum(ref.losses[2:]) / 2  # the ranks' mean loss over steps 3 and 4
+    assert float(lines[1].split("Train Loss: ")[1].split(",")[0]) == pytest.approx(ref_loss, abs=2e-4)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(exp / "tensorboard"))
     events.Reload()
     assert {"train/loss", "train/grad_norm", "train/lr", "train/steps_per_sec"} <= set(events.Tags()["scalars"])
     assert [(e.step, e.value) for e in events.Scalars("train/lr")] == [(2, pytest.approx(2e-3)), (4, pytest.approx(2e-3))]
-    assert all(0 < e.value < 1e3 for e in events.Scalars("train/grad_norm"))
+    norms = [e.value for e in events.Scalars("train/grad_norm")]
+    assert norms == pytest.approx([sum(ref.grad_norms[:2]) / 2, sum(ref.grad_norms[2:]) / 2], abs=2e-4)
     assert not list((exp / "checkpoints").glob("*.tmp"))
 
 
@@ -64,27 +60,28 @@ def test_torchrun_image_folder_uw_resumes_exactly(tmp_path):
     """ImageFolder -> tiny AutoencoderKL (from its config) -> DiT with ANT-UW on 2 processes; a run resumed
     from step 3 (crossing an epoch boundary at step 5) ends with the uninterrupted run's exact state."""
     make_image_folder(str(tmp_path / "imgs"), per_class=10)
-    (tmp_path / "vae.json").write_text(json.dumps(TINY_VAE))
+    write_tiny_vae(tmp_path)
     args = ["general.data_path=imgs", "general.vae_config=vae.json", "general.image_size=32", "data.num_classes=2",
             *TINY, "general.global_batch_size=4", "general.iterations=8", "logs.ckpt_every=3", "logs.log_every=2",
             "general.loss_weight_type=uw", "logs.results_dir=res"]
-    torchrun("train.py", args, tmp_path)
+    run_script("train.py", args, tmp_path, nproc=2)
     ckpts = tmp_path / "res" / "DiT-T-2" / "000" / "checkpoints"
     assert sorted(os.listdir(ckpts)) == ["0000003.pt", "0000006.pt", "0000008.pt"]
     uninterrupted = load(ckpts / "0000008.pt")
     assert uninterrupted["uw"]["log_vars"].shape == (8,)
-    assert "Dataset: 20 samples (images), 5 steps per epoch" in (tmp_path / "res" / "DiT-T-2" / "000" / "log.txt").read_text()
+    log = (tmp_path / "res" / "DiT-T-2" / "000" / "log.txt").read_text()
+    assert "Dataset: 20 samples (images), 5 steps per epoch" in log
 
     os.rename(ckpts / "0000008.pt", tmp_path / "uninterrupted.pt")  # as if the run had stopped after step 3
     os.remove(ckpts / "0000006.pt")
-    torchrun("train.py", [*args, f"general.resume={ckpts / '0000003.pt'}"], tmp_path)
+    run_script("train.py", [*args, f"general.resume={ckpts / '0000003.pt'}"], tmp_path, nproc=2)
     assert_same_training_state(load(ckpts / "0000008.pt"), uninterrupted)
     assert not (tmp_path / "res" / "DiT-T-2" / "001").exists()  # the resumed run continues in its folder
 
 
 def test_resume_is_exact_in_one_process(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    base = ["data=digits", *TINY, "general.global_batch_size=8", "logs.log_every=100", "logs.results_dir=res",
+    base = [*DIGITS, "general.global_batch_size=8", "logs.log_every=100", "logs.results_dir=res",
             "general.iterations=6", "logs.ckpt_every=3"]
     first = train.main(config.load(base))
     uninterrupted = load(first["checkpoint"])
@@ -101,7 +98,7 @@ def test_resume_is_exact_in_one_process(tmp_path, monkeypatch):
 
 def test_resume_refuses_other_model_keys(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    base = ["data=digits", *TINY, "general.global_batch_size=8", "logs.results_dir=res", "general.iterations=1"]
+    base = [*DIGITS, "general.global_batch_size=8", "logs.results_dir=res", "general.iterations=1"]
     out = train.main(config.load(base))
     with pytest.raises(config.ConfigError, match="models.routing.sharing_ratio=0.8"):
         train.main(config.load([*base, "models.routing.sharing_ratio=1.0", f"general.resume={out['checkpoint']}"]))
@@ -112,11 +109,11 @@ def test_train_on_precomputed_latents(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     make_image_folder(str(tmp_path / "imgs"), per_class=4)
-    (tmp_path / "vae.json").write_text(json.dumps(TINY_VAE))
-    common = ["general.vae_config=vae.json", "general.image_size=32", "data.num_classes=2", *TINY,
-              "general.global_batch_size=4", "logs.results_dir=res", "logs.log_every=1"]
-    latents = extract_latents.main(config.load(["general.data_path=imgs", *common]))
-    out = train.main(config.load([f"general.data_path={latents}", *common, "general.iterations=3"]))
+    write_tiny_vae(tmp_path)
+    keys = ["general.vae_config=vae.json", "general.image_size=32", "data.num_classes=2", *TINY,
+            "general.global_batch_size=4", "logs.results_dir=res", "logs.log_every=1"]
+    latents = extract_latents.main(config.load(["general.data_path=imgs", *keys]))
+    out = train.main(config.load([f"general.data_path={latents}", *keys, "general.iterations=3"]))
     ckpt = load(out["checkpoint"])
     assert ckpt["step"] == 3 and np.isfinite(out["loss"])
     assert "(latents)" in open(os.path.join(out["experiment_dir"], "log.txt")).read()
@@ -127,7 +124,7 @@ def test_corrupt_image_stops_training(tmp_path, monkeypatch):
     make_image_folder(str(tmp_path / "imgs"), per_class=2)
     with open(tmp_path / "imgs" / "class0" / "truncated.png", "wb") as f:
         f.write(b"\x89PNG\r\n\x1a\n")
-    (tmp_path / "vae.json").write_text(json.dumps(TINY_VAE))
+    write_tiny_vae(tmp_path)
     cfg = config.load(["general.data_path=imgs", "general.vae_config=vae.json", "general.image_size=32",
                        "data.num_classes=2", *TINY, "general.global_batch_size=5", "general.iterations=2",
                        "logs.results_dir=res"])
@@ -136,8 +133,35 @@ def test_corrupt_image_stops_training(tmp_path, monkeypatch):
 
 
 def test_gradient_checkpointing_gives_the_same_training(tmp_path, monkeypatch):
+    """With general.grad_checkpoint=true every block runs twice per step, in train mode (forward, then again in
+    the backward pass), and training ends in the same state as without: same weights, EMA, optimizer and random
+    states, with label dropout on (models.class_dropout_prob=0.5)."""
     monkeypatch.chdir(tmp_path)
-    base = ["data=digits", *TINY, "general.global_batch_size=8", "logs.results_dir=res", "general.iterations=2"]
+    calls = []
+    forward = models.DiTBlock.forward
+
+    def counted(self, *args, **kwargs):
+        calls.append((self.training, torch.is_grad_enabled()))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(models.DiTBlock, "forward", counted)
+    base = [*DIGITS, "general.global_batch_size=8", "logs.results_dir=res", "general.iterations=3",
+            "models.class_dropout_prob=0.5"]
     plain = load(train.main(config.load(base))["checkpoint"])
+    assert calls == [(True, True)] * 3 * 2  # 3 steps x 2 blocks, in train mode
+    calls.clear()
     checkpointed = load(train.main(config.load([*base, "general.grad_checkpoint=true"]))["checkpoint"])
+    assert len(calls) == 2 * 3 * 2 and all(training for training, _ in calls)  # each block again in the backward
     assert_same_training_state(plain, checkpointed)
+
+
+def test_random_routing_follows_its_seed(tmp_path, monkeypatch):
+    """models.routing.init_method=random (the paper's R-TR baseline) draws its masks from models.routing.seed."""
+    monkeypatch.chdir(tmp_path)
+    base = [*DIGITS, "general.global_batch_size=8", "logs.results_dir=res", "general.iterations=2",
+            "models.routing.init_method=random"]
+    outs = [train.main(config.load([*base, f"models.routing.seed={seed}"])) for seed in (0, 0, 1)]
+    a, b, c = (load(r["checkpoint"])["model"] for r in outs)
+    assert "method=random" in open(os.path.join(outs[0]["experiment_dir"], "log.txt")).read()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
