@@ -6,12 +6,12 @@ trained by the DTR paper's code, which adds no parameters) load with
 ``strict=True``. The timm building blocks DiT imports (PatchEmbed, Attention, Mlp)
 are written here with the same parameter names, so timm is not needed.
 
-Two things matter for ``dtr``, which routes this model through forward hooks:
+Two things matter for routing (``dtr.wrap``; how it routes: docs/concepts.md):
 
 - every block is called as a module (``block(x, c)``), also under gradient
   checkpointing, and the timestep enters through ``self.t_embedder(t)``;
-- ``forward_with_cfg`` runs the model through ``self(...)``, so hooks on the
-  root module fire on the guided path too.
+- ``forward_with_cfg`` runs the model through ``self(...)``, so the guided path
+  is routed by its timesteps too.
 """
 
 import functools
@@ -298,7 +298,7 @@ class DiT(nn.Module):
         return rearrange(x, "n (h w) (p q c) -> n c (h p) (w q)", h=h, w=w, p=p, q=p)
 
     def run_block(self, block, x, c):
-        """One block, called as a module (forward hooks fire), checkpointed if asked while training."""
+        """One block, called as a module (so that routing sees it), checkpointed if asked while training."""
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(block, x, c, use_reentrant=False)
         return block(x, c)

@@ -300,24 +300,77 @@ def last_log_line(experiment_dir):
 #################################################################################
 
 
-def ddim_sample(model, z, y, *, num_classes, cfg_scale, timesteps, masks=None):
-    """DDIM with eta = 0 over the given (increasing) timesteps, classifier-free guidance on every channel of eps.
+def kept_timesteps(sampler, steps):
+    """The timesteps a respaced sampler visits: DDIM's integer stride (0, s, 2s, ...), else `steps` evenly
+    spaced from 0 to T - 1 (rounded half to even)."""
+    if sampler == "ddim":
+        stride = next(s for s in range(1, T) if len(range(0, T, s)) == steps)
+        return list(range(0, T, stride))
+    return [int(v) for v in np.round(np.linspace(0, T - 1, steps))]
 
-    x_{t'} = sqrt(a_{t'}) x0 + sqrt(1 - a_{t'}) eps, with x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t) and t' the
-    previous kept timestep (a = 1 after the last one).
+
+def guided(model, x, t, y, masks, cfg_scale, num_classes):
+    """(eps, v) for x: eps = uncond + cfg_scale * (cond - uncond) on every channel (the null class is num_classes),
+    v (the variance output) the conditional one's."""
+    C = x.shape[1]
+    cond = routed_forward(model, x, t, y, masks)
+    if cfg_scale <= 1:
+        return cond[:, :C], cond[:, C:]
+    uncond = routed_forward(model, x, t, torch.full_like(y, num_classes), masks)
+    return uncond[:, :C] + cfg_scale * (cond[:, :C] - uncond[:, :C]), cond[:, C:]
+
+
+@torch.no_grad()
+def sample(model, z, y, generator, *, sampler, steps, cfg_scale, num_classes, masks=None):
+    """Denoise z (B, C, s, s) for labels y over the kept timesteps t_K > ... > t_1 (a_j = alphas_cumprod[t_j],
+    a_0 = 1 after the last):
+
+    x0 = (x - sqrt(1 - a_j) eps) / sqrt(a_j); DDIM (eta = 0): x <- sqrt(a_{j-1}) x0 + sqrt(1 - a_{j-1}) eps;
+    DDPM: x <- mean + sigma * noise with the posterior of the respaced step (beta_j = 1 - a_j / a_{j-1}) and
+    log sigma^2 = f log beta_j + (1 - f) log beta~_j, f = (v + 1) / 2 (beta~ of the first step: the second's).
+    Every step draws its noise from generator for the guided batch (cond and uncond halves: 2B) and uses the
+    conditional half, as the recipe's sampler does; DDIM and the last step draw it without using it.
     """
-    a = Schedule().alphas_cumprod
-    C, x = z.shape[1], z
-    null = torch.full_like(y, num_classes)
-    with torch.no_grad():
-        for j in reversed(range(len(timesteps))):
-            t = torch.full((len(x),), timesteps[j], dtype=torch.long)
-            cond = routed_forward(model, x, t, y, masks)[:, :C]
-            eps = cond
-            if cfg_scale > 1:
-                uncond = routed_forward(model, x, t, null, masks)[:, :C]
-                eps = uncond + cfg_scale * (cond - uncond)
-            a_t, a_prev = float(a[timesteps[j]]), float(a[timesteps[j - 1]]) if j > 0 else 1.0
-            x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
-            x = math.sqrt(a_prev) * x0 + math.sqrt(1 - a_prev) * eps
+    ts, a = kept_timesteps(sampler, steps), Schedule().alphas_cumprod
+    a_at = [float(a[t]) for t in ts]
+    a_prev = [1.0, *a_at[:-1]]
+    beta = [1 - a_at[j] / a_prev[j] for j in range(len(ts))]
+    beta_tilde = [beta[j] * (1 - a_prev[j]) / (1 - a_at[j]) for j in range(len(ts))]
+    beta_tilde[0] = beta_tilde[1] if len(ts) > 1 else beta[0]
+    x, draws = z, 2 if cfg_scale > 1 else 1
+    for j in reversed(range(len(ts))):
+        eps, v = guided(model, x, torch.full((len(x),), ts[j], dtype=torch.long), y, masks, cfg_scale, num_classes)
+        x0 = (x - math.sqrt(1 - a_at[j]) * eps) / math.sqrt(a_at[j])
+        noise = torch.randn((draws * len(x), *x.shape[1:]), generator=generator)[: len(x)]
+        if sampler == "ddim":
+            x = math.sqrt(a_prev[j]) * x0 + math.sqrt(1 - a_prev[j]) * eps
+            continue
+        mean = beta[j] * math.sqrt(a_prev[j]) / (1 - a_at[j]) * x0 + (1 - a_prev[j]) * math.sqrt(1 - beta[j]) / (1 - a_at[j]) * x
+        frac = (v + 1) / 2
+        log_var = frac * math.log(beta[j]) + (1 - frac) * math.log(beta_tilde[j])
+        x = mean + (torch.exp(0.5 * log_var) * noise if j > 0 else 0)
     return x
+
+
+def to_uint8_digits(x):
+    """Digits in [-1, 1] (B, 1, 8, 8) to the (B, 8, 8, 3) gray uint8 images the recipe writes: round((x + 1) * 127.5)."""
+    gray = ((x[:, 0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return gray[..., None].expand(*gray.shape, 3).numpy()
+
+
+def sample_ddp(model, shape, n, world_size, batch, seed, **kwargs):
+    """sample_ddp.py's samples: rank r draws samples r, r + W, ... in batches, from a generator seeded
+    seed * W + r (noise of `shape` per sample, then labels, then the sampler's draws). Returns (x, labels) in
+    sample order."""
+    xs, labels = [None] * n, [None] * n
+    for rank in range(world_size):
+        generator = torch.Generator().manual_seed(seed * world_size + rank)
+        mine = list(range(rank, n, world_size))
+        for start in range(0, len(mine), batch):
+            index = mine[start : start + batch]
+            z = torch.randn((len(index), *shape), generator=generator)
+            y = torch.randint(0, kwargs["num_classes"], (len(index),), generator=generator)
+            out = sample(model, z, y, generator, **kwargs)
+            for i, k in enumerate(index):
+                xs[k], labels[k] = out[i], int(y[i])
+    return torch.stack(xs), np.array(labels)

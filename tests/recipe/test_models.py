@@ -441,8 +441,9 @@ def test_cfg_bad_arguments():
         model.forward_with_cfg(x[:3], t[:3], y[:3], 1.5)
 
 
-def test_modules_are_called_through_hooks():
-    """dtr hooks the root, t_embedder (timestep as first positional argument) and every block."""
+def test_modules_are_called_as_modules():
+    """Routing needs the model's modules called as modules: the root (also by forward_with_cfg), t_embedder (the
+    timestep as its first positional argument) and every block. Forward hooks, the test's probes, see each call."""
     model = perturb_(tiny_dit()).eval()
     x, t, y = cfg_inputs(model)
     seen = {"root": 0, "t": [], "blocks": 0}
