@@ -158,7 +158,9 @@ def load_model_for_sampling(cfg, device, log=print):
         model.load_state_dict(state)
     except RuntimeError as err:  # a foreign file, or other model keys than the config's
         detail = " ".join(line.strip() for line in str(err).splitlines()[1:])[:300]
-        raise config.ConfigError(f"{path} does not hold the weights of {cfg.models.name} as configured: {detail}") from None
+        raise config.ConfigError(
+            f"{path} does not hold the weights of {cfg.models.name} as configured: {detail}"
+        ) from None
     route(model, cfg)
     log(f"Loaded {'EMA ' if cfg.eval.use_ema and 'ema' in ckpt else ''}weights from {path}")
     return model.to(device).eval()
@@ -241,5 +243,7 @@ def sampling_diffusion(cfg):
     try:
         return create_diffusion(respacing, noise_schedule=cfg.general.schedule_name)
     except ValueError:  # DDIM needs an integer stride; fall back to evenly spaced steps
-        warnings.warn(f"eval.num_sampling_steps={steps}: no integer DDIM stride, using evenly spaced steps")
+        warnings.warn(
+            f"eval.num_sampling_steps={steps}: no integer DDIM stride, using evenly spaced steps", stacklevel=2
+        )
         return create_diffusion(str(steps), noise_schedule=cfg.general.schedule_name)

@@ -23,16 +23,31 @@ import config
 
 # Keys a checkpoint's weights depend on: sampling or resuming with other values cannot use them.
 MODEL_KEYS = (
-    "data.name", "data.num_classes", "general.image_size", "models.name", "models.hidden_size", "models.depth",
-    "models.num_heads", "models.routing.sharing_ratio", "models.routing.taskcount", "models.routing.init_method",
-    "models.routing.alpha", "models.routing.seed",
+    "data.name",
+    "data.num_classes",
+    "general.image_size",
+    "models.name",
+    "models.hidden_size",
+    "models.depth",
+    "models.num_heads",
+    "models.routing.sharing_ratio",
+    "models.routing.taskcount",
+    "models.routing.init_method",
+    "models.routing.alpha",
+    "models.routing.seed",
 )
 # The optimizer and UW state depend on the loss weighting too: a resume, even a fork, must keep these.
 STATE_KEYS = (*MODEL_KEYS, "general.loss_weight_type")
 # Keys an exact continuation depends on: changing them on resume needs general.fork=true.
 RUN_KEYS = (
-    "general.global_seed", "general.global_batch_size", "general.data_path", "general.vae", "general.vae_config",
-    "general.schedule_name", "general.mixed_precision", "models.class_dropout_prob",
+    "general.global_seed",
+    "general.global_batch_size",
+    "general.data_path",
+    "general.vae",
+    "general.vae_config",
+    "general.schedule_name",
+    "general.mixed_precision",
+    "models.class_dropout_prob",
 )
 # Keys that take effect from the resumed step on (set on the optimizer, read by the EMA each step), and are logged.
 APPLIED_KEYS = ("optim.lr", "optim.weight_decay", "optim.uw_lr", "optim.ema_decay")
@@ -218,8 +233,11 @@ def verify(checkpoint, path):
     if saved is None:
         return f"{path} has no digest (written before checkpoints carried one): loaded without an integrity check"
     actual = digest(checkpoint)
-    bad = sorted(k for k in set(actual) | set(saved if isinstance(saved, dict) else {}) if
-                 not isinstance(saved, dict) or saved.get(k) != actual.get(k))
+    bad = sorted(
+        k
+        for k in set(actual) | set(saved if isinstance(saved, dict) else {})
+        if not isinstance(saved, dict) or saved.get(k) != actual.get(k)
+    )
     if bad:
         raise config.ConfigError(
             f"{path} is corrupt: its {', '.join(bad)} differ from the digest written with it (the file changed on "
@@ -309,6 +327,20 @@ def check_resume(cfg, checkpoint, path):
     return os.path.dirname(os.path.dirname(os.path.normpath(path))) or "."
 
 
+def prepare_resume(cfg):
+    """(checkpoint, run folder, notes) for general.resume: the verified checkpoint, the run it continues (None for
+    a fork: a new folder), and what the log should say. (None, None, []) for a fresh run. Refuses what
+    check_resume refuses, and general.fork without general.resume."""
+    g = cfg.general
+    if g.resume is None:
+        if g.fork:
+            raise config.ConfigError("general.fork=true needs general.resume=<checkpoint>: the checkpoint to fork from")
+        return None, None, []
+    checkpoint, note = load_checkpoint(g.resume)
+    run_dir = check_resume(cfg, checkpoint, g.resume)
+    return checkpoint, run_dir, [note] if note is not None else []
+
+
 def set_optim_keys(opt, lr, weight_decay, uw_lr):
     """Put the configured hyperparameters on the optimizer: a loaded optimizer state would keep the saved ones.
 
@@ -328,11 +360,12 @@ def rng_state(generator, device):
     return state
 
 
-def set_rng_state(state, generator, device):
+def set_rng_state(state, generator):
+    """Restore rng_state's states; the CUDA one on the generator's device."""
     torch.set_rng_state(state["cpu"])
     generator.set_state(state["generator"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+    if generator.device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], generator.device)
 
 
 def gather_rng_states(generator, device):
@@ -345,7 +378,7 @@ def gather_rng_states(generator, device):
     return states
 
 
-def restore(checkpoint, cfg, *, model, ema, opt, uw, generator, device, rank, world_size):
+def restore(checkpoint, cfg, *, model, ema, opt, uw, generator, rank, world_size):
     """Continue from a checkpoint: weights, EMA, optimizer, UW and this rank's random state; the optim keys of
     cfg apply from the next step. Returns (step, notes): what changed, for the log."""
     model.load_state_dict(checkpoint["model"])
@@ -363,8 +396,10 @@ def restore(checkpoint, cfg, *, model, ema, opt, uw, generator, device, rank, wo
         old = saved["general"]["global_seed"]
         notes.append(f"general.global_seed: {old} -> {seed}: random streams start from the new seed")
     elif len(states) == world_size:
-        set_rng_state(states[rank], generator, device)
+        set_rng_state(states[rank], generator)
     else:
-        notes.append(f"checkpoint written by {len(states)} processes, resuming on {world_size}: the run continues, "
-                     "but not bit-exactly")
+        notes.append(
+            f"checkpoint written by {len(states)} processes, resuming on {world_size}: the run continues, "
+            "but not bit-exactly"
+        )
     return step, notes

@@ -33,7 +33,9 @@ def main(cfg, per_class=1, upscale=None):
     vae = common.load_vae(cfg, device) if cfg.data.name != "digits" else None
 
     if not cfg.eval.class_labels or any(not 0 <= c < cfg.data.num_classes for c in cfg.eval.class_labels):
-        raise config.ConfigError(f"eval.class_labels must be class indices in [0, {cfg.data.num_classes}), got {list(cfg.eval.class_labels)}")
+        raise config.ConfigError(
+            f"eval.class_labels must be class indices in [0, {cfg.data.num_classes}), got {list(cfg.eval.class_labels)}"
+        )
     labels = list(cfg.eval.class_labels) * per_class
     model = common.load_model_for_sampling(cfg, device)
     generator = torch.Generator(device).manual_seed(cfg.general.global_seed)

@@ -91,11 +91,13 @@ def main(cfg):
         images.append(batch)
         labels.append(y.cpu().numpy())
         if cfg.eval.save_png:
-            for i, image in zip(indices, batch):
+            for i, image in zip(indices, batch, strict=True):
                 Image.fromarray(image).save(os.path.join(folder, f"{i:06d}.png"))
     images = np.concatenate(images) if images else np.zeros((0, 1, 1, 3), np.uint8)
     labels = np.concatenate(labels) if labels else np.zeros((0,), np.int64)
-    np.savez(os.path.join(folder, f"part-{rank:05d}-of-{world_size:05d}.npz"), images=images, labels=labels, indices=mine)
+    np.savez(
+        os.path.join(folder, f"part-{rank:05d}-of-{world_size:05d}.npz"), images=images, labels=labels, indices=mine
+    )
 
     # Make sure every rank has written its part before rank 0 assembles the .npz:
     common.barrier()

@@ -85,14 +85,34 @@ def to_model_input(x, kind, vae, scale, generator):
     return (mean + std * noise) * scale
 
 
-def data_scale(dataset, cfg, device):
-    """(vae, scaling factor) for the data set's kind: the VAE only for images, a scale for latents."""
+def ant_uw(loss_weight_type, num_timesteps, num_intervals, device):
+    """ANT-UW's (intervals, stratified timestep sampler, uncertainty weighting); Nones for other weightings."""
+    if loss_weight_type != "uw":
+        return None, None, None
+    intervals = uniform_intervals(num_timesteps, num_intervals)
+    return intervals, StratifiedTimestepSampler(intervals), UncertaintyWeighting(num_intervals).to(device)
+
+
+def data_loader(dataset, sampler, local_batch_size, num_workers, seed, device):
+    """Full batches in the sampler's order; the loader's own generator keeps it off torch's global one."""
+    return DataLoader(
+        dataset,
+        batch_size=local_batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+        drop_last=True,
+        persistent_workers=num_workers > 0,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def latent_scale(dataset, vae):
+    """The factor that scales VAE latents to unit variance: the VAE's for images, the one stored with precomputed
+    latents (extract_latents.py), None for pixels."""
     if dataset.kind == "images":
-        vae = common.load_vae(cfg, device)
-        return vae, common.vae_scaling_factor(vae)
-    if dataset.kind == "latents":
-        return None, float(dataset.meta["scaling_factor"])
-    return None, None
+        return common.vae_scaling_factor(vae)
+    return float(dataset.meta["scaling_factor"]) if dataset.kind == "latents" else None
 
 
 class TrainingDiverged(RuntimeError):
@@ -112,6 +132,13 @@ def diverged(logger, writer, what, last_ckpt):
     if writer is not None:
         writer.close()
     return TrainingDiverged(message)
+
+
+def tensorboard_writer(experiment_dir):
+    """Scalars in {experiment_dir}/tensorboard (logs.tensorboard=true)."""
+    from torch.utils.tensorboard import SummaryWriter  # tensorboard is needed only when logs.tensorboard=true
+
+    return SummaryWriter(os.path.join(experiment_dir, "tensorboard"))
 
 
 def log_progress(logger, writer, step, epoch, loss, grad_norm, lr, steps_per_sec, uw_weights):
@@ -146,13 +173,7 @@ def main(cfg):
         )
     local_batch_size = g.global_batch_size // world_size
     seed = g.global_seed * world_size + rank
-    resume, run_dir, notes = None, None, []
-    if g.resume is not None:
-        resume, note = runs.load_checkpoint(g.resume)
-        run_dir = runs.check_resume(cfg, resume, g.resume)
-        notes += [note] if note is not None else []
-    elif g.fork:
-        raise config.ConfigError("general.fork=true needs general.resume=<checkpoint>: the checkpoint to fork from")
+    resume, run_dir, notes = runs.prepare_resume(cfg)  # (None, None, []) for a fresh run
 
     # Create the model, route it, and make its EMA (after routing: the copy routes by its own inputs):
     torch.manual_seed(g.global_seed)  # the same initial weights on every rank
@@ -165,42 +186,29 @@ def main(cfg):
 
     # Diffusion, loss weighting and optimizer (AdamW, constant lr; ANT-UW's log-variances get their own group):
     diffusion = create_diffusion("", noise_schedule=g.schedule_name, loss_weight_type=g.loss_weight_type)
-    uw, stratified, intervals = None, None, None
-    param_groups = [{"params": model.parameters()}]
-    if g.loss_weight_type == "uw":
-        intervals = uniform_intervals(diffusion.num_timesteps, g.uw_intervals)
-        stratified = StratifiedTimestepSampler(intervals)
-        uw = UncertaintyWeighting(g.uw_intervals).to(device)
-        param_groups.append(uw.param_group(lr=cfg.optim.uw_lr))
+    intervals, stratified, uw = ant_uw(g.loss_weight_type, diffusion.num_timesteps, g.uw_intervals, device)
+    param_groups = [{"params": model.parameters()}] + ([uw.param_group(lr=cfg.optim.uw_lr)] if uw is not None else [])
     opt = torch.optim.AdamW(param_groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    state = dict(model=model, ema=ema, opt=opt, uw=uw)  # what a checkpoint holds, besides config, step and rng
 
     # Data: a resumable DistributedSampler; each rank loads global_batch_size / world_size per step.
     dataset = build_dataset(cfg)
     sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, seed=g.global_seed)
-    loader = DataLoader(
-        dataset,
-        batch_size=local_batch_size,
-        sampler=sampler,
-        num_workers=g.num_workers,
-        pin_memory=device.type == "cuda",
-        drop_last=True,
-        persistent_workers=g.num_workers > 0,
-        generator=torch.Generator().manual_seed(seed),  # keeps the loader off torch's global generator
-    )
+    loader = data_loader(dataset, sampler, local_batch_size, g.num_workers, seed, device)
     epoch_steps = steps_per_epoch(len(dataset), world_size, local_batch_size)
     if epoch_steps == 0:
         raise config.ConfigError(
             f"general.global_batch_size={g.global_batch_size} is larger than the data set ({len(dataset)} samples)"
         )
-    vae, scale = data_scale(dataset, cfg, device)
+    vae = common.load_vae(cfg, device) if dataset.kind == "images" else None
+    scale = latent_scale(dataset, vae)
 
     # Initial state, or the checkpoint's (weights, optimizer, UW, step and every random generator):
     generator = torch.Generator(device).manual_seed(seed)  # timesteps, noise, flips, latent samples
     torch.manual_seed(seed)  # label dropout
     train_steps = 0
     if resume is not None:
-        state = dict(model=model, ema=ema, opt=opt, uw=uw, generator=generator)
-        train_steps, resumed = runs.restore(resume, cfg, **state, device=device, rank=rank, world_size=world_size)
+        train_steps, resumed = runs.restore(resume, cfg, **state, generator=generator, rank=rank, world_size=world_size)
         notes += resumed
         del resume
     else:
@@ -213,23 +221,25 @@ def main(cfg):
     logger.info(f"Experiment directory: {experiment_dir} ({world_size} process(es), {device})")
     if g.resume is not None:
         how = "Resumed" if run_dir is not None else "Forked"
-        logger.info(f"{how} from {os.path.abspath(g.resume)} at step {train_steps}; this segment's config: {config_file}")
+        logger.info(
+            f"{how} from {os.path.abspath(g.resume)} at step {train_steps}; this segment's config: {config_file}"
+        )
     for note in notes:
         logger.info(note)
     logger.info(f"DiT parameters: {sum(p.numel() for p in model.parameters()):,}")
-    logger.info(routing.summary() if routing is not None else "No routing (models.routing.sharing_ratio=1.0: the baseline)")
+    logger.info(
+        routing.summary() if routing is not None else "No routing (models.routing.sharing_ratio=1.0: the baseline)"
+    )
     logger.info(f"Dataset: {len(dataset):,} samples ({dataset.kind}), {epoch_steps} steps per epoch")
 
     # DDP, then compile (the model is routed already):
-    ddp_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.is_initialized() else model
+    ddp_model = (
+        DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if dist.is_initialized() else model
+    )
     train_model = torch.compile(ddp_model) if g.compile else ddp_model
     model.train()  # enables label dropout for classifier-free guidance
     ema.eval()
-    writer = None
-    if rank == 0 and cfg.logs.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(os.path.join(experiment_dir, "tensorboard"))
+    writer = tensorboard_writer(experiment_dir) if rank == 0 and cfg.logs.tensorboard else None
 
     logger.info(f"Training from step {train_steps} to {g.iterations}...")
     data_iter = batches(loader, sampler, train_steps, local_batch_size, epoch_steps)
@@ -281,7 +291,9 @@ def main(cfg):
             avg_loss = common.all_reduce_mean(running_loss / log_steps, device)
             uw_weights = uw.weights().tolist() if uw is not None else None
             lr = opt.param_groups[0]["lr"]
-            log_progress(logger, writer, train_steps, epoch, avg_loss, running_norm / log_steps, lr, steps_per_sec, uw_weights)
+            log_progress(
+                logger, writer, train_steps, epoch, avg_loss, running_norm / log_steps, lr, steps_per_sec, uw_weights
+            )
             progress.set_postfix(loss=f"{avg_loss:.4f}")
             running_loss, running_norm, log_steps, start_time = 0.0, 0.0, 0, time.time()
 
@@ -292,7 +304,7 @@ def main(cfg):
             rng = runs.gather_rng_states(generator, device)
             last_ckpt = runs.checkpoint_file(checkpoint_dir, train_steps)
             if rank == 0:
-                runs.save_checkpoint(last_ckpt, model=model, ema=ema, opt=opt, uw=uw, cfg=cfg, step=train_steps, rng=rng)
+                runs.save_checkpoint(last_ckpt, **state, cfg=cfg, step=train_steps, rng=rng)
                 logger.info(f"Saved checkpoint to {last_ckpt}")
             common.barrier()
     progress.close()

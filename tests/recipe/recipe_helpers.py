@@ -12,7 +12,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-EXAMPLES_DIT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples", "dit")
+EXAMPLES_DIT = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "examples", "dit"
+)
 # A 2-block, width-32 DiT on the CPU: a training step takes milliseconds.
 TINY = ["models.name=DiT-T/2", "models.depth=2", "models.hidden_size=32", "general.num_workers=0", "general.device=cpu"]
 DIGITS = ["data=digits", *TINY]
@@ -67,11 +69,11 @@ def assert_same_training_state(a, b):
     if a["uw"] is not None:
         assert torch.equal(a["uw"]["log_vars"], b["uw"]["log_vars"])
     assert a["opt"]["state"].keys() == b["opt"]["state"].keys()
-    for sa, sb in zip(a["opt"]["state"].values(), b["opt"]["state"].values()):
+    for sa, sb in zip(a["opt"]["state"].values(), b["opt"]["state"].values(), strict=True):
         for name in sa:
             assert torch.equal(sa[name], sb[name]), f"optimizer state {name} differs"
     assert len(a["rng"]) == len(b["rng"])
-    for ra, rb in zip(a["rng"], b["rng"]):
+    for ra, rb in zip(a["rng"], b["rng"], strict=True):
         assert torch.equal(ra["generator"], rb["generator"]) and torch.equal(ra["cpu"], rb["cpu"])
 
 
@@ -144,7 +146,8 @@ def flip_bit(path, tensor, index=3, bit=0):
     bit 0 of a float32 is its lowest mantissa bit: the weight changes by about 1e-7 of itself, a corruption that
     nothing but a digest notices.
     """
-    data = bytearray(open(path, "rb").read())
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
     pattern = tensor.contiguous().view(torch.uint8).numpy().tobytes()
     assert data.count(pattern) == 1, "the tensor's bytes are not unique in the file"
     offset = data.find(pattern) + index * tensor.element_size()

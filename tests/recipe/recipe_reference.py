@@ -21,10 +21,10 @@ import re
 import numpy as np
 import pytest
 import torch
-from recipe_helpers import DIGITS
 from sklearn.datasets import load_digits
 
 from models import DiT
+from recipe_helpers import DIGITS
 
 T = 1000  # diffusion steps
 
@@ -35,7 +35,8 @@ T = 1000  # diffusion steps
 
 
 def dtr_masks(num_tasks, channels, sharing_ratio, alpha):
-    """(num_tasks, channels) float 0/1: task t keeps channels [s_t, s_t + C_b), s_t = round((t / (T-1))^alpha (C - C_b))."""
+    """(num_tasks, channels) float 0/1: task t keeps channels [s_t, s_t + C_b),
+    s_t = round((t / (T - 1))^alpha (C - C_b)), C_b = int(C * sharing_ratio)."""
     active = int(channels * sharing_ratio)
     start = np.round(np.linspace(0, 1, num_tasks) ** alpha * (channels - active)).astype(np.int64)
     c = np.arange(channels)
@@ -107,7 +108,9 @@ def hybrid_loss(out, x0, x_t, t, noise, s):
     mean = s.at(s.coef_x0, t) * x0_pred + s.at(s.coef_xt, t) * x_t
     true_mean = s.at(s.coef_x0, t) * x0 + s.at(s.coef_xt, t) * x_t
     true_log_var = s.at(s.posterior_log_variance, t)
-    kl = 0.5 * (-1 + log_var - true_log_var + torch.exp(true_log_var - log_var) + (true_mean - mean) ** 2 * torch.exp(-log_var))
+    kl = 0.5 * (
+        -1 + log_var - true_log_var + torch.exp(true_log_var - log_var) + (true_mean - mean) ** 2 * torch.exp(-log_var)
+    )
     kl = kl.mean(dim=(1, 2, 3)) / math.log(2.0)
     nll = -discretized_log_likelihood(x0, mean, 0.5 * log_var).mean(dim=(1, 2, 3)) / math.log(2.0)
     return mse, torch.where(t == 0, nll, kl)
@@ -127,12 +130,38 @@ def digits():
 class ReferenceTraining:
     """DiT training on the digits from the formulas, over `world_size` simulated DDP ranks (gradients averaged)."""
 
-    def __init__(self, *, hidden, depth, heads, dropout, seed, batch, world_size=1, weighting="constant",
-                 sharing_ratio=1.0, alpha=4.0, num_tasks=T, uw_intervals=8, lr=1e-4, weight_decay=0.0,
-                 uw_lr=0.025, ema_decay=0.9999):
+    def __init__(
+        self,
+        *,
+        hidden,
+        depth,
+        heads,
+        dropout,
+        seed,
+        batch,
+        world_size=1,
+        weighting="constant",
+        sharing_ratio=1.0,
+        alpha=4.0,
+        num_tasks=T,
+        uw_intervals=8,
+        lr=1e-4,
+        weight_decay=0.0,
+        uw_lr=0.025,
+        ema_decay=0.9999,
+    ):
         torch.manual_seed(seed)  # the same initial weights as the recipe's (models.py's initialisation)
-        self.model = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=hidden, depth=depth,
-                         num_heads=heads, class_dropout_prob=dropout, num_classes=10, learn_sigma=True)
+        self.model = DiT(
+            input_size=8,
+            patch_size=2,
+            in_channels=1,
+            hidden_size=hidden,
+            depth=depth,
+            num_heads=heads,
+            class_dropout_prob=dropout,
+            num_classes=10,
+            learn_sigma=True,
+        )
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.masks = dtr_masks(num_tasks, hidden, sharing_ratio, alpha) if sharing_ratio < 1 else None
         self.weighting, self.s = weighting, Schedule()
@@ -229,7 +258,7 @@ class ReferenceTraining:
         self.losses.append(float(sum(loss.detach() for loss in losses)) / self.world_size)
         self.opt.step()
         with torch.no_grad():
-            for e, p in zip(self.ema.parameters(), self.model.parameters()):
+            for e, p in zip(self.ema.parameters(), self.model.parameters(), strict=True):
                 e.copy_(self.ema_decay * e + (1 - self.ema_decay) * p)
         self.step_count += 1
 
@@ -242,19 +271,47 @@ class ReferenceTraining:
 # train.py's keys for the runs compared with ReferenceTraining (built by `reference`): off their defaults wherever
 # the recipe allows, so that a value the recipe drops (or replaces by its default) shows as a difference.
 HIDDEN, DEPTH, HEADS = 32, 2, 4  # DiT-T/2 with models.hidden_size=32, models.depth=2
-REFERENCE_KEYS = [*DIGITS, "general.global_batch_size=8", "general.global_seed=3", "models.class_dropout_prob=0.5",
-        "optim.lr=0.002", "optim.weight_decay=0.01", "optim.ema_decay=0.8", "optim.uw_lr=0.05",
-        "general.uw_intervals=3", "models.routing.alpha=2.0", "models.routing.taskcount=1200",
-        "logs.results_dir=res", "logs.log_every=100", "logs.ckpt_every=2", "general.iterations=4"]
+REFERENCE_KEYS = [
+    *DIGITS,
+    "general.global_batch_size=8",
+    "general.global_seed=3",
+    "models.class_dropout_prob=0.5",
+    "optim.lr=0.002",
+    "optim.weight_decay=0.01",
+    "optim.ema_decay=0.8",
+    "optim.uw_lr=0.05",
+    "general.uw_intervals=3",
+    "models.routing.alpha=2.0",
+    "models.routing.taskcount=1200",
+    "logs.results_dir=res",
+    "logs.log_every=100",
+    "logs.ckpt_every=2",
+    "general.iterations=4",
+]
 # On resume (after step 2): every key that takes effect from the next step on.
 CHANGED = {"lr": 0.001, "weight_decay": 0.03, "uw_lr": 0.01, "ema_decay": 0.6}
 
 
 def reference(weighting, sharing_ratio, changed_after=None, steps=4, world_size=1, batch=8):
-    """The reference run of REFERENCE_KEYS (with this weighting and sharing ratio), CHANGED after `changed_after` steps."""
-    ref = ReferenceTraining(hidden=HIDDEN, depth=DEPTH, heads=HEADS, dropout=0.5, seed=3, batch=batch,
-                            world_size=world_size, weighting=weighting, sharing_ratio=sharing_ratio, alpha=2.0,
-                            num_tasks=1200, uw_intervals=3, lr=0.002, weight_decay=0.01, uw_lr=0.05, ema_decay=0.8)
+    """The reference run of REFERENCE_KEYS (this weighting and sharing ratio), CHANGED after `changed_after` steps."""
+    ref = ReferenceTraining(
+        hidden=HIDDEN,
+        depth=DEPTH,
+        heads=HEADS,
+        dropout=0.5,
+        seed=3,
+        batch=batch,
+        world_size=world_size,
+        weighting=weighting,
+        sharing_ratio=sharing_ratio,
+        alpha=2.0,
+        num_tasks=1200,
+        uw_intervals=3,
+        lr=0.002,
+        weight_decay=0.01,
+        uw_lr=0.05,
+        ema_decay=0.8,
+    )
     for step in range(steps):
         if step == changed_after:
             ref.set(**CHANGED)
@@ -280,8 +337,10 @@ def assert_matches_reference(ckpt, ref, log_line=None, first_logged_step=0):
     for i, state in opt["state"].items():
         for name, value in state.items():  # step, exp_avg, exp_avg_sq
             tol = dict(rtol=1e-4, atol=1e-12) if name == "exp_avg_sq" else close
-            torch.testing.assert_close(ckpt["opt"]["state"][i][name], value, **tol, msg=lambda m, n=f"{i}.{name}": f"opt {n}: {m}")
-    for saved, ours in zip(ckpt["opt"]["param_groups"], opt["param_groups"]):
+            torch.testing.assert_close(
+                ckpt["opt"]["state"][i][name], value, **tol, msg=lambda m, n=f"{i}.{name}": f"opt {n}: {m}"
+            )
+    for saved, ours in zip(ckpt["opt"]["param_groups"], opt["param_groups"], strict=True):
         assert (saved["lr"], saved["weight_decay"]) == (ours["lr"], ours["weight_decay"])
     if log_line is not None:  # the log's columns: loss and gradient norm averaged over the steps since the last line
         loss, norm = (float(v) for v in re.search(r"Train Loss: ([\d.]+), Grad Norm: ([\d.]+)", log_line).groups())
@@ -345,7 +404,10 @@ def sample(model, z, y, generator, *, sampler, steps, cfg_scale, num_classes, ma
         if sampler == "ddim":
             x = math.sqrt(a_prev[j]) * x0 + math.sqrt(1 - a_prev[j]) * eps
             continue
-        mean = beta[j] * math.sqrt(a_prev[j]) / (1 - a_at[j]) * x0 + (1 - a_prev[j]) * math.sqrt(1 - beta[j]) / (1 - a_at[j]) * x
+        mean = (
+            beta[j] * math.sqrt(a_prev[j]) / (1 - a_at[j]) * x0
+            + (1 - a_prev[j]) * math.sqrt(1 - beta[j]) / (1 - a_at[j]) * x
+        )
         frac = (v + 1) / 2
         log_var = frac * math.log(beta[j]) + (1 - frac) * math.log(beta_tilde[j])
         x = mean + (torch.exp(0.5 * log_var) * noise if j > 0 else 0)
@@ -353,7 +415,7 @@ def sample(model, z, y, generator, *, sampler, steps, cfg_scale, num_classes, ma
 
 
 def to_uint8_digits(x):
-    """Digits in [-1, 1] (B, 1, 8, 8) to the (B, 8, 8, 3) gray uint8 images the recipe writes: round((x + 1) * 127.5)."""
+    """Digits in [-1, 1] (B, 1, 8, 8) to the (B, 8, 8, 3) gray uint8 images written: round((x + 1) * 127.5)."""
     gray = ((x[:, 0] + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
     return gray[..., None].expand(*gray.shape, 3).numpy()
 

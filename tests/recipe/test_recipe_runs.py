@@ -15,6 +15,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
+
+import config
+import runs
+import sample
+import sample_ddp
+import train
 from recipe_helpers import (
     DIGITS,
     EXAMPLES_DIT,
@@ -24,14 +30,7 @@ from recipe_helpers import (
     load,
     run_cli,
     snapshot,
-    working_dir,
 )
-
-import config
-import runs
-import sample
-import sample_ddp
-import train
 
 KEYS = [*DIGITS, "general.global_batch_size=8", "logs.results_dir=res", "logs.log_every=100"]
 RUN = os.path.join("res", "DiT-T-2")
@@ -44,8 +43,15 @@ def train_py(cwd, *args):
 
 def sample_py(script, cwd, checkpoint, *args):
     """sample.py or sample_ddp.py's command line for a checkpoint of KEYS: (exit code, stderr)."""
-    argv = [*KEYS, f"eval.ckpt={checkpoint}", "eval.num_fid_samples=2", "eval.num_sampling_steps=2",
-            "eval.class_labels=[0,1]", "eval.samples_dir=samples", *args]
+    argv = [
+        *KEYS,
+        f"eval.ckpt={checkpoint}",
+        "eval.num_fid_samples=2",
+        "eval.num_sampling_steps=2",
+        "eval.class_labels=[0,1]",
+        "eval.samples_dir=samples",
+        *args,
+    ]
     return run_cli(lambda a: config.run(script.main, a), argv, cwd)
 
 
@@ -113,8 +119,13 @@ def test_resume_from_an_early_checkpoint_is_refused_then_forks(run_copy, base_ru
 
 def test_keys_that_break_exactness_need_a_fork(run_copy):
     before = snapshot(run_copy / "res")
-    code, err = train_py(run_copy, "general.iterations=6", "general.global_seed=1", "general.global_batch_size=16",
-                         f"general.resume={ckpt(run_copy, 5)}")
+    code, err = train_py(
+        run_copy,
+        "general.iterations=6",
+        "general.global_seed=1",
+        "general.global_batch_size=16",
+        f"general.resume={ckpt(run_copy, 5)}",
+    )
     names = ("general.global_seed=0 (now 1)", "general.global_batch_size=8 (now 16)", "general.fork=true")
     assert_one_line_error(code, err, *names)
     assert snapshot(run_copy / "res") == before
@@ -155,12 +166,18 @@ def test_a_non_finite_key_exits_2_before_anything_is_written(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("arg, message", [
-    ("models.routing.alpha=nan", "models.routing.alpha must be a finite number > 0, got nan"),
-    ("models.routing.sharing_ratio=0.02", "models.routing.sharing_ratio with models.hidden_size=32: .* leaves no active channel"),
-    ("general.global_batch_size=4096", "general.global_batch_size=4096 is larger than the data set"),
-    ("general.fork=true", "general.fork=true needs general.resume"),
-])
+@pytest.mark.parametrize(
+    "arg, message",
+    [
+        ("models.routing.alpha=nan", "models.routing.alpha must be a finite number > 0, got nan"),
+        (
+            "models.routing.sharing_ratio=0.02",
+            "models.routing.sharing_ratio with models.hidden_size=32: .* leaves no active channel",
+        ),
+        ("general.global_batch_size=4096", "general.global_batch_size=4096 is larger than the data set"),
+        ("general.fork=true", "general.fork=true needs general.resume"),
+    ],
+)
 def test_config_errors_leave_nothing_on_disk(tmp_path, monkeypatch, arg, message):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(config.ConfigError, match=message):
@@ -170,7 +187,7 @@ def test_config_errors_leave_nothing_on_disk(tmp_path, monkeypatch, arg, message
 
 def numeric_keys(node, prefix=""):
     """Every int or float key of the schema, by walking the Config dataclass."""
-    for name in node.keys():
+    for name in node:
         key = f"{prefix}{name}"
         child = node._get_node(name)
         if OmegaConf.is_dict(child):
@@ -206,19 +223,25 @@ def test_ints_outside_their_range_are_refused(key, data):
 
 def test_a_truncated_checkpoint_exits_2_naming_the_file(run_copy):
     bad = run_copy / "truncated.pt"
-    bad.write_bytes(open(ckpt(run_copy, 5), "rb").read()[:20_000])
+    with open(ckpt(run_copy, 5), "rb") as f:
+        bad.write_bytes(f.read()[:20_000])
     before = snapshot(run_copy)
     code, err = train_py(run_copy, "general.iterations=6", f"general.resume={bad}")
     assert_one_line_error(code, err, f"cannot read checkpoint {bad} (", "expected a file written by train.py")
     assert snapshot(run_copy) == before
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, r"cannot read checkpoint .*empty.pt \(EOFError"),
-    ({"state_dict": {"weight": torch.zeros(3)}, "epoch": 3},
-     "empty.pt is not a train.py checkpoint: it has no model, ema, opt, uw, config, step, rng"),
-    (torch.zeros(3), "empty.pt holds a Tensor, not a checkpoint"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, r"cannot read checkpoint .*empty.pt \(EOFError"),
+        (
+            {"state_dict": {"weight": torch.zeros(3)}, "epoch": 3},
+            "empty.pt is not a train.py checkpoint: it has no model, ema, opt, uw, config, step, rng",
+        ),
+        (torch.zeros(3), "empty.pt holds a Tensor, not a checkpoint"),
+    ],
+)
 def test_empty_or_foreign_checkpoints_are_refused_naming_the_file(tmp_path, monkeypatch, content, message):
     monkeypatch.chdir(tmp_path)
     bad = tmp_path / "empty.pt"
@@ -270,10 +293,16 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(run_copy):
     """Resumed with an absurd lr, step 6 throws the weights to ~1e30 and step 7's loss is NaN: training
     stops (exit 1) before the optimizer step and before any checkpoint, so step 5's stays the last."""
     before = snapshot(run_copy / RUN / "000" / "checkpoints")
-    code, err = train_py(run_copy, "general.iterations=20", "logs.ckpt_every=4", "optim.lr=1e30",
-                         f"general.resume={ckpt(run_copy, 5)}")
-    assert_one_line_error(code, err, "training diverged: at step 7 the loss is nan",
-                          f"the last checkpoint, {ckpt(run_copy, 5)}, is intact", exit_code=1)
+    code, err = train_py(
+        run_copy, "general.iterations=20", "logs.ckpt_every=4", "optim.lr=1e30", f"general.resume={ckpt(run_copy, 5)}"
+    )
+    assert_one_line_error(
+        code,
+        err,
+        "training diverged: at step 7 the loss is nan",
+        f"the last checkpoint, {ckpt(run_copy, 5)}, is intact",
+        exit_code=1,
+    )
     assert snapshot(run_copy / RUN / "000" / "checkpoints") == before
     assert "training diverged" in (run_copy / RUN / "000" / "log.txt").read_text()
 
@@ -303,7 +332,13 @@ def test_kill_9_then_resume_is_exact(tmp_path):
     """SIGKILL at a random moment of a long run (a real process); resuming from its last checkpoint reaches the
     state of an uninterrupted run bit for bit, and every checkpoint the killed run left loads, verified."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, os.path.join(EXAMPLES_DIT, "train.py"), *KEYS, "general.iterations=100000", "logs.ckpt_every=3"]
+    cmd = [
+        sys.executable,
+        os.path.join(EXAMPLES_DIT, "train.py"),
+        *KEYS,
+        "general.iterations=100000",
+        "logs.ckpt_every=3",
+    ]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpts = tmp_path / RUN / "000" / "checkpoints"
     deadline = time.time() + 240

@@ -14,11 +14,12 @@ not passed to dtr.wrap, and optim.uw_lr not applied on resume.
 import os
 
 import pytest
-from recipe_helpers import load
-from recipe_reference import CHANGED, REFERENCE_KEYS, assert_matches_reference, last_log_line, reference
 
 import config
 import train
+from recipe_helpers import load
+from recipe_reference import CHANGED, REFERENCE_KEYS, assert_matches_reference, last_log_line, reference
+
 
 @pytest.mark.parametrize("sharing_ratio", [0.75, 1.0], ids=["routed", "baseline"])
 @pytest.mark.parametrize("weighting", ["constant", "min_snr_3", "uw"])
@@ -26,8 +27,9 @@ def test_training_step_matches_the_reference(tmp_path, monkeypatch, weighting, s
     monkeypatch.chdir(tmp_path)
     keys = [*REFERENCE_KEYS, f"general.loss_weight_type={weighting}", f"models.routing.sharing_ratio={sharing_ratio}"]
     fresh = train.main(config.load(keys))
-    assert_matches_reference(load(fresh["checkpoint"]), reference(weighting, sharing_ratio),
-                             last_log_line(fresh["experiment_dir"]))
+    assert_matches_reference(
+        load(fresh["checkpoint"]), reference(weighting, sharing_ratio), last_log_line(fresh["experiment_dir"])
+    )
 
     # Resumed after step 2 with every optim key changed: they apply from step 3 on, as in the reference.
     os.remove(fresh["checkpoint"])
@@ -35,5 +37,9 @@ def test_training_step_matches_the_reference(tmp_path, monkeypatch, weighting, s
     changed = [f"optim.{key}={value}" for key, value in CHANGED.items()]
     resumed = train.main(config.load([*keys, *changed, f"general.resume={checkpoints}/0000002.pt"]))
     assert resumed["checkpoint"] == fresh["checkpoint"]
-    assert_matches_reference(load(resumed["checkpoint"]), reference(weighting, sharing_ratio, changed_after=2),
-                             last_log_line(resumed["experiment_dir"]), first_logged_step=2)
+    assert_matches_reference(
+        load(resumed["checkpoint"]),
+        reference(weighting, sharing_ratio, changed_after=2),
+        last_log_line(resumed["experiment_dir"]),
+        first_logged_step=2,
+    )

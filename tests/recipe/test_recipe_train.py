@@ -7,6 +7,11 @@ import os
 import numpy as np
 import pytest
 import torch
+
+import config
+import models
+import runs
+import train
 from recipe_helpers import (
     DIGITS,
     TINY,
@@ -18,19 +23,21 @@ from recipe_helpers import (
 )
 from recipe_reference import REFERENCE_KEYS, assert_matches_reference, reference
 
-import config
-import models
-import runs
-import train
-
 
 @pytest.mark.slow
 def test_torchrun_digits_matches_the_reference(tmp_path):
     """Two gloo processes, Min-SNR and DTR with a non-default alpha and task count: the checkpoint holds the
     reference's weights, EMA and optimizer state (gradients averaged over the ranks, each rank its own data,
     timesteps, noise and label dropout), loads with weights_only=True, and the log and tensorboard say so."""
-    args = [*REFERENCE_KEYS, "general.global_batch_size=16", "general.loss_weight_type=min_snr_3",
-            "models.routing.sharing_ratio=0.75", "logs.log_every=2", "logs.ckpt_every=100", "logs.tensorboard=true"]
+    args = [
+        *REFERENCE_KEYS,
+        "general.global_batch_size=16",
+        "general.loss_weight_type=min_snr_3",
+        "models.routing.sharing_ratio=0.75",
+        "logs.log_every=2",
+        "logs.ckpt_every=100",
+        "logs.tensorboard=true",
+    ]
     run_script("train.py", args, tmp_path, nproc=2)
     exp = tmp_path / "res" / "DiT-T-2" / "000"
     ckpt = load(exp / "checkpoints" / "0000004.pt")
@@ -49,7 +56,10 @@ def test_torchrun_digits_matches_the_reference(tmp_path):
     events = EventAccumulator(str(exp / "tensorboard"))
     events.Reload()
     assert {"train/loss", "train/grad_norm", "train/lr", "train/steps_per_sec"} <= set(events.Tags()["scalars"])
-    assert [(e.step, e.value) for e in events.Scalars("train/lr")] == [(2, pytest.approx(2e-3)), (4, pytest.approx(2e-3))]
+    assert [(e.step, e.value) for e in events.Scalars("train/lr")] == [
+        (2, pytest.approx(2e-3)),
+        (4, pytest.approx(2e-3)),
+    ]
     norms = [e.value for e in events.Scalars("train/grad_norm")]
     assert norms == pytest.approx([sum(ref.grad_norms[:2]) / 2, sum(ref.grad_norms[2:]) / 2], abs=2e-4)
     assert not list((exp / "checkpoints").glob("*.tmp"))
@@ -61,9 +71,19 @@ def test_torchrun_image_folder_uw_resumes_exactly(tmp_path):
     from step 3 (crossing an epoch boundary at step 5) ends with the uninterrupted run's exact state."""
     make_image_folder(str(tmp_path / "imgs"), per_class=10)
     write_tiny_vae(tmp_path)
-    args = ["general.data_path=imgs", "general.vae_config=vae.json", "general.image_size=32", "data.num_classes=2",
-            *TINY, "general.global_batch_size=4", "general.iterations=6", "logs.ckpt_every=3", "logs.log_every=2",
-            "general.loss_weight_type=uw", "logs.results_dir=res"]
+    args = [
+        "general.data_path=imgs",
+        "general.vae_config=vae.json",
+        "general.image_size=32",
+        "data.num_classes=2",
+        *TINY,
+        "general.global_batch_size=4",
+        "general.iterations=6",
+        "logs.ckpt_every=3",
+        "logs.log_every=2",
+        "general.loss_weight_type=uw",
+        "logs.results_dir=res",
+    ]
     run_script("train.py", args, tmp_path, nproc=2)
     ckpts = tmp_path / "res" / "DiT-T-2" / "000" / "checkpoints"
     assert sorted(os.listdir(ckpts)) == ["0000003.pt", "0000006.pt"]
@@ -80,8 +100,14 @@ def test_torchrun_image_folder_uw_resumes_exactly(tmp_path):
 
 def test_resume_is_exact_in_one_process(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    base = [*DIGITS, "general.global_batch_size=8", "logs.log_every=100", "logs.results_dir=res",
-            "general.iterations=6", "logs.ckpt_every=3"]
+    base = [
+        *DIGITS,
+        "general.global_batch_size=8",
+        "logs.log_every=100",
+        "logs.results_dir=res",
+        "general.iterations=6",
+        "logs.ckpt_every=3",
+    ]
     first = train.main(config.load(base))
     uninterrupted = load(first["checkpoint"])
     os.remove(first["checkpoint"])  # as if the run had stopped after step 3
@@ -89,7 +115,8 @@ def test_resume_is_exact_in_one_process(tmp_path, monkeypatch):
     assert resumed["experiment_dir"] == first["experiment_dir"] and resumed["step"] == 6
     assert_same_training_state(load(resumed["checkpoint"]), uninterrupted)
     # log_every=100 > the run: its last step is logged anyway, with the gradient norm and the lr beside the loss.
-    log = open(os.path.join(first["experiment_dir"], "log.txt")).read()
+    with open(os.path.join(first["experiment_dir"], "log.txt")) as f:
+        log = f.read()
     assert log.count("(step=0000006, epoch=0) Train Loss: ") == 2 and log.count("LR: 0.002, ") == 2
     norms = [float(line.split("Grad Norm: ")[1].split(",")[0]) for line in log.splitlines() if "Grad Norm: " in line]
     assert len(norms) == 2 and all(0 < n < 1e3 for n in norms)  # steps 1-6, then 4-6
@@ -109,13 +136,21 @@ def test_train_on_precomputed_latents(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     make_image_folder(str(tmp_path / "imgs"), per_class=4)
     write_tiny_vae(tmp_path)
-    keys = ["general.vae_config=vae.json", "general.image_size=32", "data.num_classes=2", *TINY,
-            "general.global_batch_size=4", "logs.results_dir=res", "logs.log_every=1"]
+    keys = [
+        "general.vae_config=vae.json",
+        "general.image_size=32",
+        "data.num_classes=2",
+        *TINY,
+        "general.global_batch_size=4",
+        "logs.results_dir=res",
+        "logs.log_every=1",
+    ]
     latents = extract_latents.main(config.load(["general.data_path=imgs", *keys]))
     out = train.main(config.load([f"general.data_path={latents}", *keys, "general.iterations=3"]))
     ckpt = load(out["checkpoint"])
     assert ckpt["step"] == 3 and np.isfinite(out["loss"])
-    assert "(latents)" in open(os.path.join(out["experiment_dir"], "log.txt")).read()
+    with open(os.path.join(out["experiment_dir"], "log.txt")) as f:
+        assert "(latents)" in f.read()
 
 
 def test_corrupt_image_stops_training(tmp_path, monkeypatch):
@@ -124,9 +159,18 @@ def test_corrupt_image_stops_training(tmp_path, monkeypatch):
     with open(tmp_path / "imgs" / "class0" / "truncated.png", "wb") as f:
         f.write(b"\x89PNG\r\n\x1a\n")
     write_tiny_vae(tmp_path)
-    cfg = config.load(["general.data_path=imgs", "general.vae_config=vae.json", "general.image_size=32",
-                       "data.num_classes=2", *TINY, "general.global_batch_size=5", "general.iterations=2",
-                       "logs.results_dir=res"])
+    cfg = config.load(
+        [
+            "general.data_path=imgs",
+            "general.vae_config=vae.json",
+            "general.image_size=32",
+            "data.num_classes=2",
+            *TINY,
+            "general.global_batch_size=5",
+            "general.iterations=2",
+            "logs.results_dir=res",
+        ]
+    )
     with pytest.raises(RuntimeError, match="cannot read image .*truncated.png"):
         train.main(cfg)
 
@@ -144,8 +188,13 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path, monkeypatch):
         return forward(self, *args, **kwargs)
 
     monkeypatch.setattr(models.Attention, "forward", counted)
-    base = [*DIGITS, "general.global_batch_size=8", "logs.results_dir=res", "general.iterations=3",
-            "models.class_dropout_prob=0.5"]
+    base = [
+        *DIGITS,
+        "general.global_batch_size=8",
+        "logs.results_dir=res",
+        "general.iterations=3",
+        "models.class_dropout_prob=0.5",
+    ]
     plain = load(train.main(config.load(base))["checkpoint"])
     assert calls == [True] * 3 * 2  # 3 steps x 2 blocks, in train mode
     calls.clear()
@@ -157,10 +206,16 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path, monkeypatch):
 def test_random_routing_follows_its_seed(tmp_path, monkeypatch):
     """models.routing.init_method=random (the paper's R-TR baseline) draws its masks from models.routing.seed."""
     monkeypatch.chdir(tmp_path)
-    base = [*DIGITS, "general.global_batch_size=8", "logs.results_dir=res", "general.iterations=2",
-            "models.routing.init_method=random"]
+    base = [
+        *DIGITS,
+        "general.global_batch_size=8",
+        "logs.results_dir=res",
+        "general.iterations=2",
+        "models.routing.init_method=random",
+    ]
     outs = [train.main(config.load([*base, f"models.routing.seed={seed}"])) for seed in (0, 0, 1)]
     a, b, c = (load(r["checkpoint"])["model"] for r in outs)
-    assert "method=random" in open(os.path.join(outs[0]["experiment_dir"], "log.txt")).read()
+    with open(os.path.join(outs[0]["experiment_dir"], "log.txt")) as f:
+        assert "method=random" in f.read()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a)
