@@ -66,7 +66,7 @@ def changed_keys(saved, cfg, keys):
     out = []
     for key in keys:
         theirs, ours = OmegaConf.select(saved, key, default=None), OmegaConf.select(cfg, key)
-        if key == "models.routing.init_method" and theirs is not None:
+        if key == "models.routing.init_method" and theirs is not None:  # DTR and dtr are the same method
             theirs, ours = theirs.lower(), ours.lower()
         if theirs != ours:
             out.append((key, OmegaConf.select(saved, key, default=None), OmegaConf.select(cfg, key)))
@@ -233,15 +233,12 @@ def verify(checkpoint, path):
     if saved is None:
         return f"{path} has no digest (written before checkpoints carried one): loaded without an integrity check"
     actual = digest(checkpoint)
-    bad = sorted(
-        k
-        for k in set(actual) | set(saved if isinstance(saved, dict) else {})
-        if not isinstance(saved, dict) or saved.get(k) != actual.get(k)
-    )
+    saved = saved if isinstance(saved, dict) else {}
+    bad = sorted(k for k in actual.keys() | saved.keys() if saved.get(k) != actual.get(k))
     if bad:
         raise config.ConfigError(
-            f"{path} is corrupt: its {', '.join(bad)} differ from the digest written with it (the file changed on "
-            "disk or in a copy); use an intact copy or an earlier checkpoint"
+            f"{path} is corrupt: the digest written with it does not match its {', '.join(bad)} (the file changed "
+            "on disk or in a copy); use an intact copy or an earlier checkpoint"
         )
     return None
 
@@ -319,7 +316,9 @@ def check_resume(cfg, checkpoint, path):
         )
     later = [p for step, p in sorted(checkpoints_in(folder).items()) if step > checkpoint["step"]]
     if later:
-        names = ", ".join(os.path.basename(p) for p in later[:3]) + (f" and {len(later) - 3} more" * (len(later) > 3))
+        names = ", ".join(os.path.basename(p) for p in later[:3])
+        if len(later) > 3:
+            names += f" and {len(later) - 3} more"
         raise config.ConfigError(
             f"general.resume={path} is not the last checkpoint of its run: continuing would overwrite the later "
             f"{names}; resume from {later[-1]}, {fork}"
@@ -352,11 +351,12 @@ def set_optim_keys(opt, lr, weight_decay, uw_lr):
         opt.param_groups[1]["lr"] = uw_lr
 
 
-def rng_state(generator, device):
-    """This process's random state: torch's global generators (label dropout) and the training generator."""
+def rng_state(generator):
+    """This process's random state: torch's global generators (label dropout) and the training generator
+    (timesteps, noise, flips; on the training device)."""
     state = {"cpu": torch.get_rng_state(), "generator": generator.get_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
+    if generator.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(generator.device)
     return state
 
 
@@ -368,9 +368,9 @@ def set_rng_state(state, generator):
         torch.cuda.set_rng_state(state["cuda"], generator.device)
 
 
-def gather_rng_states(generator, device):
+def gather_rng_states(generator):
     """Every rank's random state, as a list indexed by rank (all ranks must call this)."""
-    state = rng_state(generator, device)
+    state = rng_state(generator)
     if not dist.is_initialized():
         return [state]
     states = [None] * dist.get_world_size()

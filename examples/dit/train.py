@@ -301,7 +301,7 @@ def main(cfg):
         if train_steps % cfg.logs.ckpt_every == 0 or train_steps == g.iterations:
             if not all_finite(model.parameters()):
                 raise diverged(logger, writer, f"the weights are not finite after step {train_steps}", last_ckpt)
-            rng = runs.gather_rng_states(generator, device)
+            rng = runs.gather_rng_states(generator)
             last_ckpt = runs.checkpoint_file(checkpoint_dir, train_steps)
             if rank == 0:
                 runs.save_checkpoint(last_ckpt, **state, cfg=cfg, step=train_steps, rng=rng)
