@@ -1,6 +1,6 @@
-"""train.py of the recipe: torchrun (2 processes, gloo) on digits against the reference step and on an ImageFolder
-through a VAE built from its config, exact resume, precomputed latents, gradient checkpointing, random routing.
-CPU only, no download."""
+"""train.py of the recipe: torchrun (2 processes, gloo) against the reference step, exact resume (2 processes, and
+through a VAE built from its config), precomputed latents, gradient checkpointing, random routing. CPU only, no
+download."""
 
 import os
 
@@ -66,36 +66,50 @@ def test_torchrun_digits_matches_the_reference(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_image_folder_uw_resumes_exactly(tmp_path):
-    """ImageFolder -> tiny AutoencoderKL (from its config) -> DiT with ANT-UW on 2 processes; a run resumed
-    from step 3 (crossing an epoch boundary at step 5) ends with the uninterrupted run's exact state."""
-    make_image_folder(str(tmp_path / "imgs"), per_class=10)
-    write_tiny_vae(tmp_path)
+def test_torchrun_uw_matches_the_reference_and_resumes_exactly(tmp_path):
+    """ANT-UW on two gloo processes, 2 steps per epoch (global batch 600): the checkpoint holds the reference's
+    state (the log-variances' gradients averaged over the ranks too), and a run resumed from step 3 (crossing
+    the epoch boundary at step 4) ends with the uninterrupted run's exact state, in the same folder."""
     args = [
-        "general.data_path=imgs",
-        "general.vae_config=vae.json",
-        "general.image_size=32",
-        "data.num_classes=2",
-        *TINY,
-        "general.global_batch_size=4",
-        "general.iterations=6",
-        "logs.ckpt_every=3",
-        "logs.log_every=2",
+        *REFERENCE_KEYS,
+        "general.global_batch_size=600",
         "general.loss_weight_type=uw",
-        "logs.results_dir=res",
+        "models.routing.sharing_ratio=0.75",
+        "general.iterations=5",
+        "logs.ckpt_every=3",
     ]
     run_script("train.py", args, tmp_path, nproc=2)
-    ckpts = tmp_path / "res" / "DiT-T-2" / "000" / "checkpoints"
-    assert sorted(os.listdir(ckpts)) == ["0000003.pt", "0000006.pt"]
-    uninterrupted = load(ckpts / "0000006.pt")
-    assert uninterrupted["uw"]["log_vars"].shape == (8,)
-    log = (tmp_path / "res" / "DiT-T-2" / "000" / "log.txt").read_text()
-    assert "Dataset: 20 samples (images), 5 steps per epoch" in log
+    run = tmp_path / "res" / "DiT-T-2" / "000"
+    assert sorted(os.listdir(run / "checkpoints")) == ["0000003.pt", "0000005.pt"]
+    uninterrupted = load(run / "checkpoints" / "0000005.pt")
+    assert_matches_reference(uninterrupted, reference("uw", 0.75, steps=5, world_size=2, batch=600))
+    log = (run / "log.txt").read_text()
+    assert "Dataset: 1,797 samples (pixels), 2 steps per epoch" in log and "(step=0000005, epoch=2)" in log
 
-    os.rename(ckpts / "0000006.pt", tmp_path / "uninterrupted.pt")  # as if the run had stopped after step 3
-    run_script("train.py", [*args, f"general.resume={ckpts / '0000003.pt'}"], tmp_path, nproc=2)
-    assert_same_training_state(load(ckpts / "0000006.pt"), uninterrupted)
+    os.rename(run / "checkpoints" / "0000005.pt", tmp_path / "uninterrupted.pt")  # as if stopped after step 3
+    run_script("train.py", [*args, f"general.resume={run / 'checkpoints' / '0000003.pt'}"], tmp_path, nproc=2)
+    assert_same_training_state(load(run / "checkpoints" / "0000005.pt"), uninterrupted)
     assert not (tmp_path / "res" / "DiT-T-2" / "001").exists()  # the resumed run continues in its folder
+
+
+def test_images_through_the_vae_resume_exactly(tmp_path, monkeypatch):
+    """ImageFolder -> tiny AutoencoderKL (from its config) -> DiT with ANT-UW: a run resumed from step 3
+    (crossing an epoch boundary at step 5) ends with the uninterrupted run's exact state: the data order,
+    flips and latent samples continue as well as the timesteps and noise."""
+    monkeypatch.chdir(tmp_path)
+    make_image_folder("imgs", per_class=10)
+    write_tiny_vae(tmp_path)
+    keys = ["general.data_path=imgs", "general.vae_config=vae.json", "general.image_size=32", "data.num_classes=2"]
+    keys += [*TINY, "general.global_batch_size=4", "general.iterations=6", "logs.ckpt_every=3"]
+    keys += ["general.loss_weight_type=uw", "logs.results_dir=res"]
+    first = train.main(config.load(keys))
+    uninterrupted = load(first["checkpoint"])
+    with open(os.path.join(first["experiment_dir"], "log.txt")) as f:
+        assert "Dataset: 20 samples (images), 5 steps per epoch" in f.read()
+    os.remove(first["checkpoint"])  # as if the run had stopped after step 3
+    resumed = train.main(config.load([*keys, f"general.resume={first['experiment_dir']}/checkpoints/0000003.pt"]))
+    assert resumed["checkpoint"] == first["checkpoint"]
+    assert_same_training_state(load(resumed["checkpoint"]), uninterrupted)
 
 
 def test_resume_is_exact_in_one_process(tmp_path, monkeypatch):
