@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import copy
 import math
+import socket
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -33,11 +33,11 @@ class TimestepEmbedder(nn.Module):
         self.features = features
         self.mlp = nn.Sequential(nn.Linear(features, width), nn.SiLU(), nn.Linear(width, width))
 
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, t: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         half = self.features // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
         args = t.reshape(-1)[:, None].float() * freqs
-        return self.mlp(torch.cat([args.cos(), args.sin()], -1).to(self.mlp[0].weight.dtype))
+        return self.mlp(torch.cat([args.cos(), args.sin()], -1).to(dtype))
 
 
 class DiTBlock(nn.Module):
@@ -56,7 +56,8 @@ class DiTBlock(nn.Module):
     def attn(self, h: torch.Tensor) -> torch.Tensor:
         b, n, c = h.shape
         q, k, v = self.qkv(h).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
-        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+        weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(c // self.heads), dim=-1)  # forward AD works here
+        return self.proj((weights @ v).transpose(1, 2).reshape(b, n, c))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         s1, sc1, g1, s2, sc2, g2 = self.adaLN_modulation(c).unsqueeze(1).chunk(6, dim=-1)
@@ -99,7 +100,7 @@ class DiT(nn.Module):
         if self.training and self.class_dropout_prob > 0:
             y = torch.where(torch.rand(y.shape, device=y.device) < self.class_dropout_prob, self.num_classes, y)
         h = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed
-        return h, self.t_embedder(t) + self.y_embedder(y)
+        return h, self.t_embedder(t, h.dtype) + self.y_embedder(y)
 
     def unpatchify(self, h):
         b, n, _ = h.shape
@@ -176,6 +177,13 @@ def assert_grads_close(a: dict, b: dict, **tol) -> None:
     assert a.keys() == b.keys() and a
     for n in a:
         torch.testing.assert_close(a[n], b[n], msg=n, **tol)
+
+
+def free_port() -> int:
+    """A free TCP port on localhost, for a gloo process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def untouched(model: nn.Module) -> bool:

@@ -3,13 +3,12 @@ DDP and bad input, each checked against the formula written out on plain tensors
 
 import copy
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import DiT, FinalLayer, T, dtr_masks, grads, inputs, reference_forward, tiny_dit, untouched
+from helpers import DiT, FinalLayer, T, dtr_masks, free_port, grads, inputs, reference_forward, tiny_dit, untouched
 from torch import nn
 
 import dtr
@@ -284,12 +283,6 @@ def test_reentrant_checkpointing_fails_clearly():
 
 
 # -- DistributedDataParallel -------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ddp_worker(rank, world, port, path):

@@ -5,8 +5,7 @@
     routing.remove()                               # or dtr.unwrap(model)
 """
 
-__version__ = "0.3.0"
-
+from ._version import __version__
 from .adapters import register_adapter
 from .api import routing_of, unwrap, wrap, wrap_with
 from .masks import active_channels, task_masks, timesteps_to_tasks, window_starts

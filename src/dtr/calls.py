@@ -48,13 +48,16 @@ class CallStack:
     def current(self) -> Call | None:
         return getattr(self._local, "call", None)
 
-    def push(self, tasks: torch.Tensor | None = None, owner: object = None) -> Call:
+    def push(self, tasks: torch.Tensor | None = None, owner: object = None, entered: bool = False) -> Call:
         call = Call(self.current(), tasks, owner)
+        call.entered = entered
         self._local.call = call
         return call
 
-    def pop(self, call: Call) -> None:
-        self._local.call = call.outer
+    def restore(self, outer: Call | None) -> None:
+        """End every call pushed since ``outer`` was current (callers read ``outer`` before they push, so that an
+        interrupt anywhere, even inside ``push``, leaves no call behind)."""
+        self._local.call = outer
 
     def __getstate__(self) -> dict:  # copies (deepcopy, pickle) never carry a call in progress
         return {}

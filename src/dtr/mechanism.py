@@ -28,6 +28,7 @@ from typing import Any, Iterable
 from torch import nn
 
 ATTR = "_dtr_behaviour"
+INNER = "_dtr_instance_forward"  # an instance forward found at attach, now called through _instance_forward
 
 _classes: "weakref.WeakKeyDictionary[type, dict]" = weakref.WeakKeyDictionary()  # base -> {forward?: ref(cls)}
 
@@ -77,6 +78,9 @@ def detach_all(modules: Iterable[nn.Module]) -> None:
     """Detach every module (each step only removes what ``attach`` added, so it cannot fail half-way)."""
     for module in modules:
         module.__dict__.pop(ATTR, None)
+        state = module.__dict__
+        if INNER in state and getattr(state.get("forward"), "__func__", None) is _instance_forward:
+            state["forward"] = state.pop(INNER)  # else another wrapper holds ours: it stays, inert
         cls = type(module)
         if "_dtr_base" in cls.__dict__:  # exactly our class: give the module its own class back
             object.__setattr__(module, "__class__", cls.__dict__["_dtr_base"])
@@ -84,10 +88,25 @@ def detach_all(modules: Iterable[nn.Module]) -> None:
 
 def _attach(module: nn.Module, behaviour: Any) -> None:
     cls = type(module)
+    intercepts_forward = getattr(behaviour, "intercepts_forward", False)
     if routed_base(cls) is None:  # else an inert routed class (of an earlier wrap) is still in place: reuse it
         # object.__setattr__: a class whose __setattr__ forbids new attributes must not stop routing half-way
-        object.__setattr__(module, "__class__", routed_class(cls, getattr(behaviour, "intercepts_forward", False)))
-    module.__dict__[ATTR] = behaviour
+        object.__setattr__(module, "__class__", routed_class(cls, intercepts_forward))
+    state = module.__dict__
+    if intercepts_forward and "forward" in state and INNER not in state:
+        # forward replaced on the instance (accelerate's mixed precision): direct forward() calls go through it
+        state[INNER] = state["forward"]
+        state["forward"] = types.MethodType(_instance_forward, module)
+    state[ATTR] = behaviour
+
+
+def _instance_forward(self, *args, **kwargs):
+    """What an instance ``forward`` of a module routing intercepts becomes (bound; copies rebind it)."""
+    inner = self.__dict__[INNER]
+    behaviour = getattr(self, ATTR, None)
+    if behaviour is None:
+        return inner(*args, **kwargs)
+    return behaviour.forward(self, lambda module, *a, **k: inner(*a, **k), args, kwargs)
 
 
 def _has_forward(cls: type) -> bool:

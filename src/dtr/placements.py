@@ -111,13 +111,16 @@ class _Placement:
         return id(self.runtime) in memo
 
     def call(self, module: nn.Module, call_impl: Callable, args: tuple, kwargs: dict) -> Any:
-        call, pushed = self.runtime.call_for(self.name)
-        if not pushed:
-            return self.route(module, call_impl, call, args, kwargs)
-        try:  # a checkpoint recomputation: route as the call that recorded the region did
+        calls = self.runtime.calls
+        outer = calls.current()
+        try:  # in a checkpoint recomputation call_for pushes a call with the tasks the region recorded
+            call = self.runtime.call_for(self.name, outer)
+            if call is None:
+                return call_impl(module, *args, **kwargs)
             return self.route(module, call_impl, call, args, kwargs)
         finally:
-            self.runtime.calls.pop(call)
+            if calls.current() is not outer:
+                calls.restore(outer)
 
     def stream(self, output: Any) -> torch.Tensor:
         """The routed stream in a module's output (``BlockIO.output``)."""

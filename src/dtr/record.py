@@ -19,6 +19,7 @@ from typing import Any, Mapping
 
 from torch import nn
 
+from ._version import __version__
 from .spec import PLACEMENTS, TIMESTEP_KINDS, BlockIO, RoutingConfig
 
 KEY = "dtr_routing"
@@ -43,8 +44,6 @@ def has_config(model: Any) -> bool:
 
 def make_record(routing_config: Mapping) -> dict:
     """The record of a routing (``Routing.config``): the hint for plain loaders first, then versions and the routing."""
-    from . import __version__  # the package's, set before its submodules are imported
-
     return {"load_with": LOAD_WITH, "format_version": FORMAT_VERSION, "dtr_version": __version__,
             "routing": dict(routing_config)}
 

@@ -32,26 +32,24 @@ class Runtime:
         """The task indices of a call's timestep argument (range and shape checked)."""
         return timesteps_to_tasks(t, self.config.num_tasks, self.timestep_kind)
 
-    def call_for(self, name: str) -> tuple[Call, bool]:
-        """The call a routed module runs in, and whether the caller must pop it: the innermost call of this
-        thread, or, while a checkpointed region is recomputed, a call with the tasks that region recorded."""
-        call = self.calls.current()
-        tasks, replayed = self.replay.tasks(None if call is None else call.tasks)
+    def call_for(self, name: str, current: Call | None) -> Call | None:
+        """The call a routed module runs in: ``current`` (the innermost call of this thread), or, while a
+        checkpointed region is recomputed, a new call with the tasks that region recorded.  None: the region
+        being recomputed recorded no tasks because it was opened inside this module's own call (composable
+        ``checkpoint(module)`` opens it in a forward pre-hook), so its inputs are masked already and the module
+        must recompute exactly what ran in the region: its call, unrouted."""
+        tasks, replayed = self.replay.tasks(None if current is None else current.tasks)
+        if replayed:
+            return None if tasks is None else self.calls.push(tasks)
         if tasks is None:
-            if replayed:
-                why = "its checkpointed region was recorded outside a call of the model"
-            elif call is None:
-                why = "it was called outside a call of the model (call the model itself, not one of its blocks)"
-            else:
-                why = "the model's timestep was not read yet (timestep_module runs after this module)"
+            why = ("it was called outside a call of the model (call the model itself, not one of its blocks)"
+                   if current is None else "the model's timestep was not read yet (timestep_module runs after it)")
             raise RuntimeError(
                 f"dtr: routed module {name!r} ran without a timestep: {why}. Activation checkpointing must be "
                 "non-reentrant: torch.utils.checkpoint(..., use_reentrant=False), diffusers' "
                 "enable_gradient_checkpointing or checkpoint_wrapper"
             )
-        if not replayed:
-            return call, False
-        return self.calls.push(tasks), True
+        return current
 
     def masks(self, call: Call, like: torch.Tensor, axis: int, block: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(mask, 1 - mask) of ``call``'s tasks for ``like`` with channels on ``axis``, shaped to broadcast over it.

@@ -87,8 +87,6 @@ def locate_timestep(module: nn.Module, arg: str | int | None, where: str) -> Tim
 def read_tasks(runtime: Runtime, timestep: TimestepArg, args: tuple, kwargs: dict) -> torch.Tensor:
     """The task indices of the timestep argument of a call; errors say which argument was read."""
     value = timestep.read(args, kwargs)
-    if isinstance(value, torch.fx.Proxy):
-        raise TypeError("dtr routing cannot be traced symbolically by torch.fx: use torch.compile or torch.export")
     try:
         return runtime.tasks_from(value)
     except (TypeError, ValueError) as e:
@@ -136,14 +134,17 @@ class ModelCall:
     def _run(self, module: nn.Module, fn: Callable, args: tuple, kwargs: dict, entered: bool) -> Any:
         if torch._C._get_tracing_state() is not None:
             raise TypeError("dtr routing cannot be traced by torch.jit.trace: use torch.compile or torch.export")
+        if isinstance(args, torch.fx.Proxy) or any(isinstance(a, torch.fx.Proxy) for a in (*args, *kwargs.values())):
+            raise TypeError("dtr routing cannot be traced symbolically by torch.fx: use torch.compile or torch.export")
         check_places(module, self.tree)
         tasks = None if self.timestep is None else read_tasks(self.runtime, self.timestep, args, kwargs)
-        call = self.runtime.calls.push(tasks, owner=module)
-        call.entered = entered
+        calls = self.runtime.calls
+        outer = calls.current()
         try:
+            calls.push(tasks, owner=module, entered=entered)
             return fn(module, *args, **kwargs)
         finally:
-            self.runtime.calls.pop(call)
+            calls.restore(outer)
 
 
 class TimestepCapture:

@@ -12,7 +12,8 @@ import torch
 from diffusers import DDPMPipeline
 
 import dtr
-from conftest import ROOT
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 pytest.importorskip("accelerate")
 pytest.importorskip("sklearn")

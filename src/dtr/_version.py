@@ -1,0 +1,3 @@
+"""The version of denoising-task-routing (read by pyproject.toml and written into saved routing records)."""
+
+__version__ = "0.3.0"
