@@ -33,9 +33,11 @@ CONVENTIONS = {
     "sigma1000": "flow-matching sigma * 1000, float in [0, 1000] (scheduler.timesteps; 1000 = pure noise)",
     "sigma": "flow-matching sigma in [0, 1] (1 = pure noise)",
     "one_minus_sigma": "1 - sigma in [0, 1] (1 = data, 0 = pure noise)",
+    "one_minus_sigma1000": "(1 - sigma) * 1000, float in [0, 1000] (1000 = data, 0 = pure noise)",
 }
 # The dtr timestep_kind that reads each convention as its noise level (docs/adapters.md, "Timesteps").
-DTR_KIND = {"index": "index", "sigma1000": "index", "sigma": "unit", "one_minus_sigma": "unit_reversed"}
+DTR_KIND = {"index": "index", "sigma1000": "index", "sigma": "unit", "one_minus_sigma": "unit_reversed",
+            "one_minus_sigma1000": None}  # Mochi: no dtr kind reads it today
 
 
 def task_index(t: torch.Tensor, convention: str, num_tasks: int = NUM_TASKS) -> torch.Tensor:
@@ -47,6 +49,8 @@ def task_index(t: torch.Tensor, convention: str, num_tasks: int = NUM_TASKS) -> 
         task = torch.round(t * (num_tasks - 1))
     elif convention == "one_minus_sigma":
         task = torch.round((1 - t) * (num_tasks - 1))
+    elif convention == "one_minus_sigma1000":
+        task = torch.round(1000 - t).clamp(max=num_tasks - 1)
     else:
         raise ValueError(f"unknown convention {convention!r}; one of {sorted(CONVENTIONS)}")
     return task.long()
@@ -57,7 +61,7 @@ def expected_timesteps(scheduler, convention: str, steps: int) -> torch.Tensor:
     if type(scheduler).__name__ == "SCMScheduler":  # TrigFlow angle s: the rectified-flow sigma is sin/(sin+cos)
         s = scheduler.timesteps[:steps].double()
         return torch.sin(s) / (torch.sin(s) + torch.cos(s))
-    if convention in ("index", "sigma1000"):  # what the scheduler hands the loop (DPM-Solver truncates sigma * 1000)
+    if convention in ("index", "sigma1000", "one_minus_sigma1000"):  # the scheduler's values (DPM-Solver truncates)
         return scheduler.timesteps[:steps].double()
     sigmas = scheduler.sigmas[:steps].double()
     return {"sigma": sigmas, "one_minus_sigma": 1 - sigmas}[convention]
@@ -67,6 +71,8 @@ def flow_sigmas(scheduler, steps: int) -> torch.Tensor:
     """The rectified-flow noise level sigma in [0, 1] (1 = noise) of the first `steps` steps of a flow scheduler."""
     if type(scheduler).__name__ == "SCMScheduler":
         return expected_timesteps(scheduler, "sigma", steps)
+    if scheduler.config.get("invert_sigmas", False):  # Mochi: the scheduler stores 1 - sigma
+        return 1 - scheduler.sigmas[:steps].double()
     return scheduler.sigmas[:steps].double()
 
 
@@ -762,11 +768,117 @@ WAN = Family(
 )
 
 
+def _cogview4_inputs(batch, t):
+    size = torch.tensor([[16.0, 16.0]]).repeat(batch, 1)  # original_size, target_size in pixels (16x16 image)
+    return (), dict(hidden_states=_randn(batch, 4, 8, 8), encoder_hidden_states=text(32, batch), timestep=t,
+                    original_size=size, target_size=size, crop_coords=torch.zeros(batch, 2), attention_kwargs=None,
+                    return_dict=False)
+
+
+COGVIEW4 = Family(
+    name="CogView4",
+    model_cls="CogView4Transformer2DModel",
+    config=dict(patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+                text_embed_dim=32, time_embed_dim=8, condition_dim=4, pos_embed_max_size=16, sample_size=8,
+                rope_axes_dim=(8, 8)),
+    blocks=(BlockSpec(r"transformer_blocks\.\d+", "CogView4TransformerBlock",
+                      ("hidden_states", "encoder_hidden_states", "temb", "image_rotary_emb", "attention_mask",
+                       "attention_kwargs"), "hidden_states", "positional", 0, True,
+                      note="returns (hidden_states, encoder_hidden_states): image first; called positionally"),),
+    timestep=(2, "timestep"),
+    make_inputs=_cogview4_inputs,
+    pipelines=(PipelineSpec(
+        "CogView4Pipeline", "sigma1000",
+        "pipelines/cogview4/pipeline_cogview4.py:587-606: timesteps linspace(1000, 1, n) truncated to integers, "
+        "sigmas = timesteps / 1000, then shifted by mu; timestep = t.expand(B) (:619) is the shifted sigma * 1000",
+        lambda tr: build("CogView4Pipeline", transformer=tr, vae=tiny_vae(),
+                         scheduler=scheduler("FlowMatchEulerDiscreteScheduler", base_shift=0.25, max_shift=0.75,
+                                             base_image_seq_len=256, use_dynamic_shifting=True,
+                                             time_shift_type="linear")),
+        lambda: dict(prompt_embeds=text(32), guidance_scale=1.0, height=16, width=16, output_type="np")),),
+)
+
+
+def _chroma_inputs(batch, t):
+    img_ids = diffusers.FluxPipeline._prepare_latent_image_ids(batch, 4, 4, "cpu", torch.float32)
+    mask = torch.ones(batch, TEXT_LEN + 16, dtype=torch.bool)  # prompt mask extended over the image tokens
+    return (), dict(hidden_states=_randn(batch, 16, 16), timestep=t, encoder_hidden_states=text(32, batch),
+                    txt_ids=torch.zeros(TEXT_LEN, 3), img_ids=img_ids, attention_mask=mask,
+                    joint_attention_kwargs=None, return_dict=False)
+
+
+CHROMA = Family(
+    name="Chroma",
+    model_cls="ChromaTransformer2DModel",
+    config=dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(2, 2, 4), approximator_num_channels=8,
+                approximator_hidden_dim=16, approximator_layers=1),
+    blocks=(
+        BlockSpec(r"transformer_blocks\.\d+", "ChromaTransformerBlock",
+                  ("hidden_states", "encoder_hidden_states", "temb", "image_rotary_emb", "attention_mask",
+                   "joint_attention_kwargs"), "hidden_states", "keyword", 1, True,
+                  note="returns (encoder_hidden_states, hidden_states); temb is a slice of the distilled "
+                       "modulation vector, per block"),
+        BlockSpec(r"single_transformer_blocks\.\d+", "ChromaSingleTransformerBlock",
+                  ("hidden_states", "temb", "image_rotary_emb", "attention_mask", "joint_attention_kwargs"),
+                  "hidden_states", "keyword", None, True, stream_tokens="text+image",
+                  note="unlike Flux in 0.42: runs on the joined cat([text, image], 1) tensor and returns it"),
+    ),
+    timestep=(2, "timestep"),
+    make_inputs=_chroma_inputs,
+    pipelines=(PipelineSpec(
+        "ChromaPipeline", "sigma",
+        "pipelines/chroma/pipeline_chroma.py:860: timestep=timestep / 1000 (FlowMatchEuler timesteps = sigma * 1000)",
+        lambda tr: build("ChromaPipeline", transformer=tr, vae=tiny_vae(shift_factor=0.0),
+                         scheduler=scheduler("FlowMatchEulerDiscreteScheduler", shift=3.0, use_dynamic_shifting=True,
+                                             base_shift=0.5, max_shift=1.15)),
+        lambda: dict(prompt_embeds=text(32), prompt_attention_mask=torch.ones(1, TEXT_LEN), guidance_scale=1.0,
+                     height=16, width=16, output_type="np")),),
+)
+
+
+def _mochi_inputs(batch, t):
+    return (), dict(hidden_states=_randn(batch, 12, 2, 8, 8), encoder_hidden_states=text(32, batch), timestep=t,
+                    encoder_attention_mask=torch.ones(batch, TEXT_LEN), attention_kwargs=None, return_dict=False)
+
+
+def tiny_mochi_vae() -> nn.Module:
+    """An AutoencoderKLMochi of width 32 (its GroupNorms have 32 groups), 12 latent channels (MochiPipeline hard-codes 12): spatial factor 8, temporal factor 6."""
+    torch.manual_seed(0)
+    return diffusers.AutoencoderKLMochi(
+        latent_channels=12, encoder_block_out_channels=(32, 32, 32, 32), decoder_block_out_channels=(32, 32, 32, 32),
+        layers_per_block=(1, 1, 1, 1, 1), add_attention_block=(False,) * 5, latents_mean=(0.0,) * 12,
+        latents_std=(1.0,) * 12).eval()
+
+
+MOCHI = Family(
+    name="Mochi",
+    model_cls="MochiTransformer3DModel",
+    config=dict(patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=2, pooled_projection_dim=16,
+                in_channels=12, text_embed_dim=32, time_embed_dim=4, max_sequence_length=TEXT_LEN),
+    blocks=(BlockSpec(r"transformer_blocks\.\d+", "MochiTransformerBlock",
+                      ("hidden_states", "encoder_hidden_states", "temb", "encoder_attention_mask", "image_rotary_emb"),
+                      "hidden_states", "keyword", 0, True,
+                      note="returns (hidden_states, encoder_hidden_states): image first; the last block is "
+                           "context_pre_only and returns its text input unchanged"),),
+    timestep=(2, "timestep"),
+    make_inputs=_mochi_inputs,
+    pipelines=(PipelineSpec(
+        "MochiPipeline", "one_minus_sigma1000",
+        "pipelines/mochi/pipeline_mochi.py:617-650: sigmas = linear_quadratic_schedule(n, 0.025) and the scheduler "
+        "inverts them (invert_sigmas=True); timestep = t.expand(B) is (1 - sigma) * 1000: 1000 = data",
+        lambda tr: build("MochiPipeline", transformer=tr, vae=tiny_mochi_vae(),
+                         scheduler=scheduler("FlowMatchEulerDiscreteScheduler", invert_sigmas=True)),
+        lambda: dict(prompt_embeds=text(32), prompt_attention_mask=torch.ones(1, TEXT_LEN), guidance_scale=1.0,
+                     height=64, width=64, num_frames=7, output_type="np")),),
+)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Registry
 
 FAMILIES: tuple[Family, ...] = (DIT, PIXART, SD3, FLUX, AURAFLOW, HUNYUAN_DIT, SANA, SANA_SPRINT, LUMINA_NEXT, LUMINA2,
-                                COGVIDEOX, LTX, WAN)
+                                COGVIDEOX, LTX, WAN, COGVIEW4, CHROMA, MOCHI)
 
 
 def probe_blocks(family: Family, model: nn.Module, t) -> dict[str, dict]:
@@ -798,4 +910,69 @@ def stream_in(spec: BlockSpec, args: tuple, kwargs: dict) -> torch.Tensor:
 def stream_out(spec: BlockSpec, out) -> torch.Tensor:
     """The stream element of a block's output."""
     return out if spec.returns is None else out[spec.returns]
-LEFT_OUT: dict[str, str] = {}
+
+# Transformer classes of the installed diffusers whose forward takes a timestep, not declared above, and why.
+_NOT_IMAGE = "not an image/video denoiser routed by DTR's paper setting: "
+_LATER = "image/video DiT not declared in this pass (time); "
+LEFT_OUT: dict[str, str] = {
+    "Transformer2DModel": "the U-Nets' spatial transformer (and legacy DiT/PixArt loader): routed through the "
+                          "UNet2DConditionModel gate adapter, not as a family",
+    "TransformerTemporalModel": "temporal sub-block of video U-Nets (AnimateDiff/SVD): a U-Net part, not a family",
+    "PriorTransformer": _NOT_IMAGE + "unCLIP prior over CLIP image embeddings (Kandinsky 2.x, Shap-E)",
+    "T5FilmDecoder": _NOT_IMAGE + "spectrogram diffusion (music)",
+    "StableAudioDiTModel": _NOT_IMAGE + "audio latents",
+    "StableAudio3DiTModel": _NOT_IMAGE + "audio latents",
+    "AceStepTransformer1DModel": _NOT_IMAGE + "music latents (1-D)",
+    "LongCatAudioDiTTransformer": _NOT_IMAGE + "audio latents",
+    "MiniMaxMusic3Transformer1DModel": _NOT_IMAGE + "music latents (1-D)",
+    "RFD4ProteinaTransformer": _NOT_IMAGE + "protein backbones, two time inputs",
+    "Cosmos3OmniTransformer": _NOT_IMAGE + "omni (LLM-style) model taking token ids; no `timestep` argument name",
+    "ZImageTransformer2DModel": _LATER + "forward(x, t, cap_feats) takes lists of per-sample tensors",
+    "QwenImageTransformer2DModel": _LATER + "MMDiT like Flux: (encoder, hidden) blocks, pipeline passes t / 1000",
+    "QwenImage21Transformer2DModel": _LATER + "QwenImage successor",
+    "HunyuanVideoTransformer3DModel": _LATER + "dual blocks + single blocks returning (hidden, encoder), token refiner",
+    "HunyuanVideo15Transformer3DModel": _LATER + "HunyuanVideo 1.5",
+    "HunyuanVideoFramepackTransformer3DModel": _LATER + "HunyuanVideo with frame packing",
+    "HunyuanImageTransformer2DModel": _LATER + "HunyuanImage 2.x",
+    "CogView3PlusTransformer2DModel": _LATER + "CogView3-Plus (DDIM-style integer timesteps)",
+    "SkyReelsV2Transformer3DModel": _LATER + "Wan-like; diffusion forcing passes per-frame timesteps",
+    "WanVACETransformer3DModel": _LATER + "Wan with VACE control blocks",
+    "WanAnimateTransformer3DModel": _LATER + "Wan-Animate",
+    "WanAnimate2Transformer3DModel": _LATER + "Wan-Animate 2",
+    "ChronoEditTransformer3DModel": _LATER + "Wan-derived image editing",
+    "AnyFlowTransformer3DModel": _LATER + "two times (timestep, r_timestep): flow-map model",
+    "AnyFlowFARTransformer3DModel": _LATER + "two times (timestep, r_timestep), chunked autoregressive",
+    "HeliosTransformer3DModel": _LATER + "history-indexed video model",
+    "CosmosTransformer3DModel": _LATER + "Cosmos predict: EDM-style sigma timesteps",
+    "MotifVideoTransformer3DModel": _LATER,
+    "SanaVideoTransformer3DModel": _LATER + "Sana-Video",
+    "SanaWMTransformer3DModel": _LATER + "Sana world model",
+    "SanaWMLTX2RefinerTransformer3DModel": _LATER + "Sana world-model refiner",
+    "LTX2VideoTransformer3DModel": _LATER + "LTX-2 audio+video streams",
+    "LatteTransformer3DModel": _LATER + "Latte: spatial/temporal BasicTransformerBlocks, integer timesteps",
+    "AllegroTransformer3DModel": _LATER + "Allegro",
+    "EasyAnimateTransformer3DModel": _LATER + "EasyAnimate",
+    "ConsisIDTransformer3DModel": _LATER + "CogVideoX-derived identity-preserving model",
+    "HiDreamImageTransformer2DModel": _LATER + "MoE double/single stream blocks; argument named `timesteps`",
+    "Flux2Transformer2DModel": _LATER + "FLUX.2",
+    "Flux3Transformer2DModel": _LATER + "FLUX.3",
+    "BriaTransformer2DModel": _LATER + "Flux-like",
+    "BriaFiboTransformer2DModel": _LATER + "Flux-like with per-layer text",
+    "BriaFibo2Transformer2DModel": _LATER,
+    "GlmImageTransformer2DModel": _LATER,
+    "OmniGenTransformer2DModel": _LATER + "one LLM-style sequence of text and image tokens",
+    "OvisImageTransformer2DModel": _LATER + "Flux-like",
+    "LongCatImageTransformer2DModel": _LATER + "Flux-like",
+    "ErnieImageTransformer2DModel": _LATER,
+    "Ideogram4Transformer2DModel": _LATER,
+    "JoyImageEditTransformer3DModel": _LATER,
+    "JoyImageEditPlusTransformer3DModel": _LATER,
+    "Kandinsky5Transformer3DModel": _LATER + "Kandinsky 5",
+    "Kandinsky6Transformer3DModel": _LATER + "Kandinsky 6 (audio and video)",
+    "Kandinsky6SRTransformer3DModel": _LATER + "Kandinsky 6 super-resolution",
+    "Krea2Transformer2DModel": _LATER,
+    "MiniMaxH3Transformer3DModel": _LATER + "audio + video streams",
+    "NucleusMoEImageTransformer2DModel": _LATER + "MoE",
+    "PRXTransformer2DModel": _LATER,
+    "DreamLiteTransformer2DModel": _LATER + "Transformer2DModel-like",
+}

@@ -169,6 +169,7 @@ def test_task_index():
     assert idx(1000.0, 999.6, 0.5, 1.5, 0.0, c="sigma1000") == [T - 1, T - 1, 0, 2, 0]  # half to even
     assert idx(1.0, 0.5, 0.0, c="sigma") == [T - 1, 500, 0]  # round(0.5 * 999) = 499.5 -> 500
     assert idx(1.0, 0.0, 0.999, c="one_minus_sigma") == [0, T - 1, 1]
+    assert idx(0.0, 25.0, 1000.0, c="one_minus_sigma1000") == [T - 1, 975, 0]
     with pytest.raises(ValueError, match="unknown convention"):
         F.task_index(torch.zeros(1), "seconds")
     assert set(F.DTR_KIND) == set(F.CONVENTIONS)
@@ -235,7 +236,8 @@ def test_pipeline_passes_the_declared_timesteps(name, index):
             assert value == torch.round(value) and 0 <= value < F.NUM_TASKS
         else:
             sigma = F.flow_sigmas(pipe.scheduler, 2)[step]
-            got = {"sigma1000": value / 1000, "sigma": value, "one_minus_sigma": 1 - value}[spec.convention]
+            got = {"sigma1000": value / 1000, "sigma": value, "one_minus_sigma": 1 - value,
+                   "one_minus_sigma1000": 1 - value / 1000}[spec.convention]
             assert abs(got - sigma) <= 1e-3, (got, sigma)  # DPM-Solver/UniPC truncate sigma * 1000 to an integer
         tasks.append(int(F.task_index(value, spec.convention)))
     assert tasks[0] > tasks[1], "the first step is the noisier task"
