@@ -517,7 +517,7 @@ SANA_SPRINT = Family(
     make_inputs=lambda b, t: _sana_inputs(b, t, guidance=True),
     pipelines=(PipelineSpec(
         "SanaSprintPipeline", "sigma",
-        "pipelines/sana/pipeline_sana_sprint.py:791: scm_timestep = sin(t) / (cos(t) + sin(t)) of the SCMScheduler "
+        "pipelines/sana/pipeline_sana_sprint.py:792: scm_timestep = sin(t) / (cos(t) + sin(t)) of the SCMScheduler "
         "TrigFlow angle t in [0, pi/2]: the rectified-flow sigma in [0, 1], passed at :805",
         lambda tr: build("SanaSprintPipeline", transformer=tr, vae=tiny_dc_ae(), scheduler=scheduler("SCMScheduler")),
         lambda: dict(prompt_embeds=text(32), guidance_scale=4.5, **_SANA_RUN),
@@ -549,7 +549,7 @@ LUMINA_NEXT = Family(
     make_inputs=_lumina_next_inputs,
     pipelines=(PipelineSpec(
         "LuminaPipeline", "one_minus_sigma",
-        "pipelines/lumina/pipeline_lumina.py:852: current_timestep = 1 - current_timestep / "
+        "pipelines/lumina/pipeline_lumina.py:850: current_timestep = 1 - current_timestep / "
         "scheduler.config.num_train_timesteps (FlowMatchEuler timesteps = sigma * 1000): 1 = data",
         lambda tr: build("LuminaPipeline", transformer=tr, vae=tiny_vae(), scheduler=scheduler(
             "FlowMatchEulerDiscreteScheduler")),
@@ -790,7 +790,7 @@ COGVIEW4 = Family(
     pipelines=(PipelineSpec(
         "CogView4Pipeline", "sigma1000",
         "pipelines/cogview4/pipeline_cogview4.py:587-606: timesteps linspace(1000, 1, n) truncated to integers, "
-        "sigmas = timesteps / 1000, then shifted by mu; timestep = t.expand(B) (:619) is the shifted sigma * 1000",
+        "sigmas = timesteps / 1000, then shifted by mu; timestep = t.expand(B) (:622) is the shifted sigma * 1000",
         lambda tr: build("CogView4Pipeline", transformer=tr, vae=tiny_vae(),
                          scheduler=scheduler("FlowMatchEulerDiscreteScheduler", base_shift=0.25, max_shift=0.75,
                                              base_image_seq_len=256, use_dynamic_shifting=True,
@@ -860,7 +860,7 @@ MOCHI = Family(
                       ("hidden_states", "encoder_hidden_states", "temb", "encoder_attention_mask", "image_rotary_emb"),
                       "hidden_states", "keyword", 0, True,
                       note="returns (hidden_states, encoder_hidden_states): image first; the last block is "
-                           "context_pre_only and returns its text input unchanged"),),
+                           "context_pre_only (no text residual update)"),),
     timestep=(2, "timestep"),
     make_inputs=_mochi_inputs,
     pipelines=(PipelineSpec(
@@ -976,3 +976,23 @@ LEFT_OUT: dict[str, str] = {
     "PRXTransformer2DModel": _LATER,
     "DreamLiteTransformer2DModel": _LATER + "Transformer2DModel-like",
 }
+
+
+def families_table() -> str:
+    """A markdown table of the declared blocks and pipeline conventions (FAMILIES.md's main table)."""
+    rows = ["| family | model class | routed blocks (class) | stream in -> out | pure residual | called | "
+            "pipeline: timestep passed | per-token |", "|---|---|---|---|---|---|---|---|"]
+    for f in FAMILIES:
+        blocks = "<br>".join("`" + b.pattern.replace(r"\.\d+", ".N") + f"` ({b.cls})" for b in f.blocks)
+        streams = "<br>".join(
+            f"`{b.stream}` (arg {b.params.index(b.stream)}, {b.stream_tokens}) -> "
+            + ("tensor" if b.returns is None else f"`out[{b.returns}]` of 2") for b in f.blocks)
+        pure = "<br>".join("yes" if b.pure_residual else "no" for b in f.blocks)
+        if f is HUNYUAN_DIT:
+            pure = "blocks 0..L/2 yes; blocks > L/2 no (long skip)"
+        called = "<br>".join(b.called for b in f.blocks)
+        pipes = "<br>".join(f"{p.cls}{' (expand_timesteps)' if 'expand_timesteps' in p.source else ''}: "
+                            f"`{p.convention}`" for p in f.pipelines)
+        per_token = "<br>".join(p.per_token.split(";")[0] for p in f.pipelines if p.per_token) or "no"
+        rows.append(f"| {f.name} | `{f.model_cls}` | {blocks} | {streams} | {pure} | {called} | {pipes} | {per_token} |")
+    return "\n".join(rows)
