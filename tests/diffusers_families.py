@@ -5,7 +5,8 @@ perturbed (so zero-initialised gates and projections cannot hide routing), calls
 calls it, builds that pipeline from tiny components (no Hub, no tokenizer: `prompt_embeds` are passed), runs it
 for 2 steps and records the `timestep` the transformer receives. Each family also declares, per routed block
 class, which argument is the hidden (image) stream, which output element carries it back, how the model passes
-it, and whether the block is a pure residual `x + F(x)` on that stream. FAMILIES.md tabulates the same facts.
+it, and whether the block is a pure residual `x + F(x)` on that stream. docs/adapters.md tabulates them with
+what dtr routes (tests/family_checks.py generates its tables).
 
 Line numbers ("file:line") refer to the installed diffusers 0.42.1, relative to its package folder.
 """
@@ -37,7 +38,7 @@ CONVENTIONS = {
 }
 # The dtr timestep_kind that reads each convention as its noise level (docs/adapters.md, "Timesteps").
 DTR_KIND = {"index": "index", "sigma1000": "index", "sigma": "unit", "one_minus_sigma": "unit_reversed",
-            "one_minus_sigma1000": None}  # Mochi: no dtr kind reads it today
+            "one_minus_sigma1000": "index_reversed"}
 
 
 def task_index(t: torch.Tensor, convention: str, num_tasks: int = NUM_TASKS) -> torch.Tensor:
@@ -976,23 +977,3 @@ LEFT_OUT: dict[str, str] = {
     "PRXTransformer2DModel": _LATER,
     "DreamLiteTransformer2DModel": _LATER + "Transformer2DModel-like",
 }
-
-
-def families_table() -> str:
-    """A markdown table of the declared blocks and pipeline conventions (FAMILIES.md's main table)."""
-    rows = ["| family | model class | routed blocks (class) | stream in -> out | pure residual | called | "
-            "pipeline: timestep passed | per-token |", "|---|---|---|---|---|---|---|---|"]
-    for f in FAMILIES:
-        blocks = "<br>".join("`" + b.pattern.replace(r"\.\d+", ".N") + f"` ({b.cls})" for b in f.blocks)
-        streams = "<br>".join(
-            f"`{b.stream}` (arg {b.params.index(b.stream)}, {b.stream_tokens}) -> "
-            + ("tensor" if b.returns is None else f"`out[{b.returns}]` of 2") for b in f.blocks)
-        pure = "<br>".join("yes" if b.pure_residual else "no" for b in f.blocks)
-        if f is HUNYUAN_DIT:
-            pure = "blocks 0..L/2 yes; blocks > L/2 no (long skip)"
-        called = "<br>".join(b.called for b in f.blocks)
-        pipes = "<br>".join(f"{p.cls}{' (expand_timesteps)' if 'expand_timesteps' in p.source else ''}: "
-                            f"`{p.convention}`" for p in f.pipelines)
-        per_token = "<br>".join(p.per_token.split(";")[0] for p in f.pipelines if p.per_token) or "no"
-        rows.append(f"| {f.name} | `{f.model_cls}` | {blocks} | {streams} | {pure} | {called} | {pipes} | {per_token} |")
-    return "\n".join(rows)

@@ -256,11 +256,3 @@ def test_sana_and_sana_sprint_share_the_class_not_the_convention():
     pipe, _, seen = F.run_pipeline(F.SANA_SPRINT, F.SANA_SPRINT.pipelines[0])
     # SCMScheduler starts at max_timesteps = 1.57080 > pi / 2: the first sigma is a hair above 1
     assert seen[0].item() > 1.0 and seen[0].item() - 1.0 < 1e-5
-
-
-def test_families_md_table_is_the_declared_one():
-    """FAMILIES.md carries the table these declarations generate (regenerate it with families_table())."""
-    import pathlib
-
-    text = (pathlib.Path(__file__).parent.parent / "FAMILIES.md").read_text()
-    assert F.families_table() in text

@@ -36,8 +36,8 @@ class Runtime:
         """The call a routed module runs in, and whether the caller must pop it: the innermost call of this
         thread, or, while a checkpointed region is recomputed, a call with the tasks that region recorded."""
         call = self.calls.current()
-        tasks, replayed = self.replay.tasks(None if call is None else call.tasks)
-        if tasks is None:
+        state, replayed = self.replay.tasks(None if call is None or call.tasks is None else (call.tasks, call.image_tokens))
+        if state is None:
             if replayed:
                 why = "its checkpointed region was recorded outside a call of the model"
             elif call is None:
@@ -51,7 +51,9 @@ class Runtime:
             )
         if not replayed:
             return call, False
-        return self.calls.push(tasks), True
+        call = self.calls.push(state[0])
+        call.image_tokens = state[1]
+        return call, True
 
     def masks(self, call: Call, like: torch.Tensor, axis: int, block: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(mask, 1 - mask) of ``call``'s tasks for ``like`` with channels on ``axis``, shaped to broadcast over it.
