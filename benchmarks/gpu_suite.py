@@ -28,8 +28,22 @@ sys.path.insert(0, os.path.dirname(TRAIN))  # the recipe's modules import each o
 
 def overhead(model, mode, compile, batch, rounds, smoke, variants=None):
     """An overhead.py part: verified, interleaved, ratios to the unwrapped model; its JSON is the part's result."""
-    args = ["--model", model, "--mode", mode, "--compile", compile, "--batch", str(batch), "--rounds", str(rounds),
-            "--warmup", "1" if smoke else "3", "--threads", "2"]
+    args = [
+        "--model",
+        model,
+        "--mode",
+        mode,
+        "--compile",
+        compile,
+        "--batch",
+        str(batch),
+        "--rounds",
+        str(rounds),
+        "--warmup",
+        "1" if smoke else "3",
+        "--threads",
+        "2",
+    ]
     if not smoke:
         args += ["--device", "cuda", "--dtype", "bf16"]
     if variants:
@@ -39,19 +53,35 @@ def overhead(model, mode, compile, batch, rounds, smoke, variants=None):
 
 def parts(smoke):
     """(name, cap in s, what to run), most important first. Smoke: the same parts at CPU sizes."""
-    xl, l, b = ("DiT-S/8", "DiT-S/8", 2) if smoke else ("DiT-XL/2", "DiT-L/2", 32)
+    xl, large, b = ("DiT-S/8", "DiT-S/8", 2) if smoke else ("DiT-XL/2", "DiT-L/2", 32)
     r = 1 if smoke else 15
     recipe = ["data=digits", "general.num_workers=0", "logs.log_every=50"]
-    recipe += (["models.name=DiT-T/2", "models.depth=2", "models.hidden_size=32", "general.device=cpu",
-                "general.global_batch_size=8"] if smoke else ["general.device=cuda", "general.global_batch_size=64"])
+    recipe += (
+        [
+            "models.name=DiT-T/2",
+            "models.depth=2",
+            "models.hidden_size=32",
+            "general.device=cpu",
+            "general.global_batch_size=8",
+        ]
+        if smoke
+        else ["general.device=cuda", "general.global_batch_size=64"]
+    )
     steps = 4 if smoke else 200
     chosen = [
         (f"{xl} eager train step", 120, overhead(xl, "train", "eager", b, r, smoke)),
         (f"{xl} eager CFG sampling call", 90, overhead(xl, "sample", "eager", b, r, smoke)),
-        ("pytest -m cuda", 120, dict(kind="pytest", argv=[sys.executable, "-m", "pytest", "-q", "-m", "cuda",
-                                                            os.path.join(ROOT, "tests", "test_cuda.py")] + (["--co"] if smoke else []))),
+        (
+            "pytest -m cuda",
+            120,
+            dict(
+                kind="pytest",
+                argv=[sys.executable, "-m", "pytest", "-q", "-m", "cuda", os.path.join(ROOT, "tests", "test_cuda.py")]
+                + (["--co"] if smoke else []),
+            ),
+        ),
         (f"{xl} regional compile train step", 150, overhead(xl, "train", "regional", b, r, smoke)),
-        (f"{l} eager train step", 90, overhead(l, "train", "eager", b, r, smoke)),
+        (f"{large} eager train step", 90, overhead(large, "train", "eager", b, r, smoke)),
         ("1-process torchrun train -> resume, bit-identical", 120, dict(kind="resume", recipe=recipe, steps=steps)),
         (f"{xl} full compile train step", 240, overhead(xl, "train", "full", b, r, smoke, ["unwrapped", "dtr.wrap"])),
     ]
@@ -98,19 +128,27 @@ def run_resume(spec, timeout, log):
             if rc != 0:
                 return rc, None
         resumed = _checkpoints(os.path.join(tmp, "resumed"))
-        rc = run(torchrun + keys + ["logs.results_dir=resumed", f"general.iterations={2 * n}",
-                                    f"general.resume={resumed[n]}"], deadline - time.time(), log, cwd=tmp)
+        rc = run(
+            torchrun
+            + keys
+            + ["logs.results_dir=resumed", f"general.iterations={2 * n}", f"general.resume={resumed[n]}"],
+            deadline - time.time(),
+            log,
+            cwd=tmp,
+        )
         if rc != 0:
             return rc, None
-        a = torch.load(_checkpoints(os.path.join(tmp, "straight"))[2 * n], map_location="cpu", weights_only=True)
-        b = torch.load(_checkpoints(os.path.join(tmp, "resumed"))[2 * n], map_location="cpu", weights_only=True)
+        from runs import load_checkpoint  # verified against its digest, as a resume reads it
+
+        a, _ = load_checkpoint(_checkpoints(os.path.join(tmp, "straight"))[2 * n])
+        b, _ = load_checkpoint(_checkpoints(os.path.join(tmp, "resumed"))[2 * n])
         differ = [f"{k}.{name}" for k in ("model", "ema") for name in a[k] if not torch.equal(a[k][name], b[k][name])]
     return (0 if not differ else 1), dict(steps=2 * n, resumed_at=n, bit_identical=not differ, differing=differ[:10])
 
 
 def _checkpoints(results_dir):
-    """{step: path} of the one run under a results folder, as train.py itself reads a checkpoints folder."""
-    from train import checkpoints_in  # imported here: only this part needs the recipe (omegaconf, data, ...)
+    """{step: path} of the one run under a results folder, as the recipe itself reads a checkpoints folder."""
+    from runs import checkpoints_in  # imported here: only this part needs the recipe (omegaconf, ...)
 
     (folder,) = glob.glob(os.path.join(results_dir, "**", "checkpoints"), recursive=True)
     return checkpoints_in(folder)
@@ -118,8 +156,11 @@ def _checkpoints(results_dir):
 
 # 5 is pytest's "no tests collected": what `-m cuda` gives without a GPU (the smoke run only collects them)
 STATUS = {0: "ok", 124: "timed out", 3: "refused: verification failed", 5: "no tests collected"}
-RUNNERS = {"overhead": run_overhead, "resume": run_resume,
-           "pytest": lambda spec, timeout, log: (run(spec["argv"], timeout, log), None)}
+RUNNERS = {
+    "overhead": run_overhead,
+    "resume": run_resume,
+    "pytest": lambda spec, timeout, log: (run(spec["argv"], timeout, log), None),
+}
 
 
 #################################################################################
@@ -128,9 +169,14 @@ RUNNERS = {"overhead": run_overhead, "resume": run_resume,
 
 
 def markdown(report):
-    lines = [f"# GPU suite: {report['device']}, torch {report['torch']}, {report['date']}", "",
-             f"Deadline {report['deadline_s']} s; {report['elapsed_s']:.0f} s used.", "",
-             "| part | status | s | result |", "|---|---|---|---|"]
+    lines = [
+        f"# GPU suite: {report['device']}, torch {report['torch']}, {report['date']}",
+        "",
+        f"Deadline {report['deadline_s']} s; {report['elapsed_s']:.0f} s used.",
+        "",
+        "| part | status | s | result |",
+        "|---|---|---|---|",
+    ]
     for p in report["parts"]:
         lines.append(f"| {p['name']} | {p['status']} | {p.get('seconds', 0):.0f} | {_summary(p.get('result'))} |")
     return "\n".join(lines) + "\n"
@@ -143,9 +189,11 @@ def _summary(result):
         cells = []
         for n, r in result["ratios"].items():
             mem = result["peak_memory_mib"].get(n)
-            cells.append(f"{n} {r['median_s'] * 1e3:.1f} ms ({r['median']:.3f})"
-                         + (f", {mem:.0f} MiB" if mem is not None else "")
-                         + (f", first call {result['first_call_s'][n]:.0f} s" if result["compile"] != "eager" else ""))
+            cells.append(
+                f"{n} {r['median_s'] * 1e3:.1f} ms ({r['median']:.3f})"
+                + (f", {mem:.0f} MiB" if mem is not None else "")
+                + (f", first call {result['first_call_s'][n]:.0f} s" if result["compile"] != "eager" else "")
+            )
         return "; ".join(cells)
     return ", ".join(f"{k}={v}" for k, v in result.items())
 
@@ -163,8 +211,13 @@ def main():
         p.error("no CUDA device: run on a GPU, or pass --smoke for the CPU check")
     os.makedirs(args.out, exist_ok=True)
     start = time.time()
-    report = dict(device=torch.cuda.get_device_name() if torch.cuda.is_available() and not args.smoke else "cpu",
-                  torch=torch.__version__, date=time.strftime("%Y-%m-%d"), deadline_s=args.deadline, parts=[])
+    report = dict(
+        device=torch.cuda.get_device_name() if torch.cuda.is_available() and not args.smoke else "cpu",
+        torch=torch.__version__,
+        date=time.strftime("%Y-%m-%d"),
+        deadline_s=args.deadline,
+        parts=[],
+    )
     chosen = parts(args.smoke)
     if args.parts:
         if not all(0 <= i < len(chosen) for i in args.parts):
@@ -179,8 +232,7 @@ def main():
             else:
                 t0 = time.time()
                 rc, result = RUNNERS[spec["kind"]](spec, min(cap, left), log)
-                entry.update(status=STATUS.get(rc, f"failed ({rc})"),
-                             seconds=time.time() - t0, result=result)
+                entry.update(status=STATUS.get(rc, f"failed ({rc})"), seconds=time.time() - t0, result=result)
             report["parts"].append(entry)
             report["elapsed_s"] = time.time() - start
             _write(args.out, report)

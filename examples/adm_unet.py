@@ -53,13 +53,24 @@ class TimestepSequential(nn.Sequential, TimestepBlock):
 class ResBlock(TimestepBlock):
     """x + out_layers(in_layers(x) (+) emb); with scale-shift norm, GroupNorm(h) * (1 + scale) + shift."""
 
-    def __init__(self, channels: int, emb_dim: int, out_channels: int | None = None, dropout: float = 0.0,
-                 groups: int = 32, use_scale_shift_norm: bool = True):
+    def __init__(
+        self,
+        channels: int,
+        emb_dim: int,
+        out_channels: int | None = None,
+        dropout: float = 0.0,
+        groups: int = 32,
+        use_scale_shift_norm: bool = True,
+    ):
         super().__init__()
         out_channels = out_channels or channels
         self.use_scale_shift_norm = use_scale_shift_norm
-        self.in_layers = nn.Sequential(nn.GroupNorm(groups, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1))
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_dim, 2 * out_channels if use_scale_shift_norm else out_channels))
+        self.in_layers = nn.Sequential(
+            nn.GroupNorm(groups, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+        )
+        self.emb_layers = nn.Sequential(
+            nn.SiLU(), nn.Linear(emb_dim, 2 * out_channels if use_scale_shift_norm else out_channels)
+        )
         self.out_layers = nn.Sequential(
             nn.GroupNorm(groups, out_channels),
             nn.SiLU(),
@@ -124,11 +135,22 @@ class ADMUNet(nn.Module):
     ``forward(x, timesteps, y=None)``: timesteps (B,) in [0, T) (fractional values are fine).
     """
 
-    def __init__(self, image_size: int = 32, in_channels: int = 3, model_channels: int = 64,
-                 out_channels: int | None = None, num_res_blocks: int = 2, attention_ds: tuple = (2, 4),
-                 channel_mult: tuple = (1, 2, 2), dropout: float = 0.0, num_classes: int | None = None,
-                 num_heads: int = 4, groups: int = 32, use_scale_shift_norm: bool = True,
-                 use_checkpoint: bool = False):
+    def __init__(
+        self,
+        image_size: int = 32,
+        in_channels: int = 3,
+        model_channels: int = 64,
+        out_channels: int | None = None,
+        num_res_blocks: int = 2,
+        attention_ds: tuple = (2, 4),
+        channel_mult: tuple = (1, 2, 2),
+        dropout: float = 0.0,
+        num_classes: int | None = None,
+        num_heads: int = 4,
+        groups: int = 32,
+        use_scale_shift_norm: bool = True,
+        use_checkpoint: bool = False,
+    ):
         super().__init__()
         self.image_size, self.in_channels = image_size, in_channels
         self.out_channels = out_channels or in_channels
@@ -168,7 +190,9 @@ class ADMUNet(nn.Module):
                     layers.append(Upsample(ch))
                     ds //= 2
                 self.output_blocks.append(TimestepSequential(*layers))
-        self.out = nn.Sequential(nn.GroupNorm(groups, ch), nn.SiLU(), zero_init(nn.Conv2d(ch, self.out_channels, 3, padding=1)))
+        self.out = nn.Sequential(
+            nn.GroupNorm(groups, ch), nn.SiLU(), zero_init(nn.Conv2d(ch, self.out_channels, 3, padding=1))
+        )
 
     def run(self, block: TimestepSequential, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         """Run one block, recomputed in backward when ``use_checkpoint`` (non-reentrant: routing-safe)."""

@@ -49,8 +49,10 @@ def make_unet(image_size: int, channels: list[int]) -> UNet2DModel:
 
 
 def save_grid(images: np.ndarray, path: str, scale: int = 4) -> None:
-    """(N, H, W, 1) images in [0, 1] -> one PNG: a square-ish grid, 1-pixel white gaps, pixels enlarged ``scale`` times."""
-    grid = make_grid(torch.from_numpy(images).permute(0, 3, 1, 2), nrow=math.ceil(math.sqrt(len(images))), padding=1, pad_value=1.0)
+    """(N, H, W, 1) images in [0, 1] -> one PNG: a square-ish grid, 1-pixel white gaps, pixels ``scale`` times."""
+    grid = make_grid(
+        torch.from_numpy(images).permute(0, 3, 1, 2), nrow=math.ceil(math.sqrt(len(images))), padding=1, pad_value=1.0
+    )
     save_image(grid.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1), path)
 
 
@@ -66,8 +68,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-samples", type=int, default=36)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=1,
-                   help="CPU threads; 0 = torch's default (tiny convolutions gain little from more, and lose a lot on a busy machine)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads; 0 = torch's default (tiny convolutions gain little from more, lose a lot on a busy machine)",
+    )
     p.add_argument("--out", default="digits_dtr.png")
     args = p.parse_args(argv)
 
@@ -97,10 +103,13 @@ def main(argv: list[str] | None = None) -> None:
     pipe = DDPMPipeline(unet=unet.eval(), scheduler=scheduler).to(args.device)
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
-    images = pipe(batch_size=args.num_samples, generator=generator, num_inference_steps=args.sample_steps,
-                  output_type="np").images
+    images = pipe(
+        batch_size=args.num_samples, generator=generator, num_inference_steps=args.sample_steps, output_type="np"
+    ).images
     save_grid(images, args.out)
-    print(f"wrote {args.out} ({args.num_samples} samples, {args.sample_steps} DDPM steps) in {time.time() - start:.0f}s")
+    print(
+        f"wrote {args.out} ({args.num_samples} samples, {args.sample_steps} DDPM steps) in {time.time() - start:.0f}s"
+    )
 
 
 if __name__ == "__main__":

@@ -5,8 +5,12 @@ import json
 import os
 
 import pytest
+import torch
+from helpers import inputs, tiny_dit
 
-from conftest import ROOT
+import dtr
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load(name):
@@ -72,11 +76,6 @@ def test_paper_style_router_computes_what_dtr_wrap_computes():
     # the timing comparison is only fair if both routers do the same work: same output, channel for channel
     import copy
 
-    import torch
-    from test_wrap import tiny_dit
-
-    import dtr
-
     base = tiny_dit()
     routed, naive = dtr.wrap(copy.deepcopy(base)).model, overhead.naive_route(copy.deepcopy(base))
     x, t, y = torch.randn(5, 4, 8, 8), torch.tensor([0, 1, 499, 998, 999]), torch.arange(5)
@@ -111,11 +110,6 @@ def test_a_variant_that_does_not_route_is_refused_before_timing():
 
 def test_verification_rejects_a_compiled_graph_of_another_model():
     """What TorchDynamo did to the hook-based router before Router v2: the routed model ran the unrouted graph."""
-    import torch
-    from test_wrap import inputs, tiny_dit
-
-    import dtr
-
     base = tiny_dit()
     routed = dtr.wrap(copy_of(base)).model
     x, t, y = inputs()
@@ -185,3 +179,31 @@ def test_gpu_suite_resume_part_is_bit_identical_on_the_cpu(tmp_path):
 
 
 gpu_suite = load("gpu_suite")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paper_style_router_computes_what_dtr_wrap_computes_on_cuda(dtype):
+    """The GPU timings compare like with like: the same outputs, CFG outputs and gradients from both routers."""
+    import copy
+
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    base = tiny_dit()
+    routed = dtr.wrap(copy.deepcopy(base), sharing_ratio=0.8).model.cuda()
+    naive = overhead.naive_route(copy.deepcopy(base), sharing_ratio=0.8).cuda()
+    x, t, y = (a.cuda() for a in inputs())
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        out_r, out_n = routed(x, t, y), naive(x, t, y)
+        torch.testing.assert_close(out_r.float(), out_n.float(), **tol)
+        with torch.no_grad():
+            xx, tt, yy = torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y.new_full(y.shape, 10)])
+            cfg_r, cfg_n = (m.forward_with_cfg(xx, tt, yy, 1.5) for m in (routed, naive))
+        torch.testing.assert_close(cfg_r.float(), cfg_n.float(), **tol)
+    out_r.float().square().mean().backward()
+    out_n.float().square().mean().backward()
+    grads = dict(routed.named_parameters())
+    for name, p in naive.named_parameters():
+        if p.grad is not None:
+            scale = p.grad.abs().max().clamp_min(1e-12)
+            assert ((grads[name].grad - p.grad).abs().max() / scale).item() < (1e-4 if dtype == torch.float32 else 5e-2)

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import DiT
+
 import dtr
 from dtr.paper import convert_paper_state_dict
-from models import DiT
 
 
 def paper_tables(T, C, beta, alpha, method="DTR"):

@@ -11,7 +11,7 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 import dtr
-from test_wrap import inputs, tiny_dit
+from helpers import INDEX_T, diffusers_dit, dit_call, inputs, tiny_dit, unet2d, unet2d_call, unet_cond, unet_cond_call
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +31,7 @@ def model_pair(depth=2):
     """Two DiTs of one class with the same weights: one stays unrouted."""
     base, routed = tiny_dit(depth=depth, hidden_size=16, num_heads=2), tiny_dit(depth=depth, hidden_size=16, num_heads=2)
     for m in (base, routed):
-        m.y_embedder.dropout_prob = 0.0
+        m.class_dropout_prob = 0.0
     return base, routed
 
 
@@ -171,12 +171,14 @@ def test_no_graph_break(mode):
     assert explanation.graph_count == 1
 
 
-@pytest.mark.parametrize("family", ["UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel"])
+FAMILIES = {"UNet2DModel": (unet2d, unet2d_call), "UNet2DConditionModel": (unet_cond, unet_cond_call),
+            "DiTTransformer2DModel": (diffusers_dit, dit_call)}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_routed_diffusers_models_trace_into_one_graph_and_compile_to_eager(family):
     """diffusers marks some block classes allow_in_graph: routing must still trace through them, in one graph."""
-    from test_adapters import FAMILIES, INDEX_T
-
-    make, call, *_ = FAMILIES[family]
+    make, call = FAMILIES[family]
     model = make()
     dtr.wrap(model, sharing_ratio=0.5)
     explanation = torch._dynamo.explain(lambda t: call(model, t))(INDEX_T)
@@ -195,6 +197,37 @@ def test_compiled_gradient_checkpointing_matches_eager():
     want = grads(model, model, x, t, y)
     model.gradient_checkpointing = True
     assert_grads_close(grads(model, torch.compile(model), x, t, y), want)
+
+
+@pytest.mark.parametrize("routed", [False, True])
+def test_checkpointing_traces_into_as_many_graphs_as_unrouted_and_fullgraph_compiles(routed):
+    """The recipe's general.compile=true general.grad_checkpoint=true: routing adds no graph and no break."""
+    base, model = model_pair()
+    for m in (base, model):
+        m.train()
+        m.gradient_checkpointing = True
+    if routed:
+        dtr.wrap(model, sharing_ratio=0.5, alpha=1.5)
+    x, t, y = inputs(batch=4)
+    unrouted = torch._dynamo.explain(lambda: base(x, t, y).sum())()
+    explanation = torch._dynamo.explain(lambda: model(x, t, y).sum())()
+    assert (explanation.graph_count, explanation.graph_break_count) == (unrouted.graph_count, 0)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    assert_grads_close(grads(model, compiled, x, t, y), grads(model, model, x, t, y))
+
+
+def test_compiled_routing_uses_the_routings_own_alpha_and_num_tasks():
+    """The compiled path builds window starts itself: with the routing's alpha and T, not the defaults."""
+    _, model = model_pair()
+    x, _, y = inputs(batch=4)
+    t = torch.tensor([3, 40, 20, 49])
+    dtr.wrap(model, sharing_ratio=0.5, alpha=1.0, num_tasks=50)
+    eager = out(model, x, t, y)
+    torch.testing.assert_close(out(torch.compile(model), x, t, y), eager, **OUT_TOL)
+    dtr.unwrap(model)
+    dtr.wrap(model, sharing_ratio=0.5)  # alpha 4, T 1000: another function of the same timesteps
+    assert not torch.allclose(out(model, x, t, y), eager, atol=1e-3)
 
 
 def test_compiled_model_called_from_two_threads():

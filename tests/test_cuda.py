@@ -1,26 +1,28 @@
 """On a GPU (marked `cuda`: deselected where there is none; benchmarks/gpu.sh runs them): dtr.wrap against the
-paper-style router in fp32 (TF32 off) and bf16, the asynchronous range check, copies for EMA, and concurrent
-calls from threads on their own CUDA streams and from DataParallel-style replicas."""
+routing formula in fp32 (TF32 off) and bf16, the asynchronous range check, copies for EMA, and concurrent calls from
+threads on their own CUDA streams and from DataParallel-style replicas.  (The paper-style router's parity:
+tests/recipe/test_benchmarks.py.)"""
 
 import copy
+import os
 import subprocess
 import sys
 import threading
 
 import pytest
 import torch
+from helpers import dtr_masks, inputs, reference_forward, tiny_dit
 
 import dtr
-from test_benchmarks import overhead
-from test_wrap import inputs, tiny_dit
 
 pytestmark = pytest.mark.cuda
 DEVICE = "cuda"
+TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.fixture
 def no_tf32():
-    """Full fp32 matmuls, so that the two routers can only differ by reassociation."""
+    """Full fp32 matmuls, so that routing and its formula can only differ by reassociation."""
     old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
@@ -28,11 +30,10 @@ def no_tf32():
 
 
 def pair(depth=3):
-    """The same perturbed DiT routed by dtr.wrap and by a router written the paper code's way, on the GPU."""
+    """The same perturbed DiT unrouted and routed by dtr.wrap, on the GPU."""
     base = tiny_dit(depth=depth)
     routed = dtr.wrap(copy.deepcopy(base), sharing_ratio=0.8).model.to(DEVICE)
-    naive = overhead.naive_route(copy.deepcopy(base), sharing_ratio=0.8).to(DEVICE)
-    return base.to(DEVICE), routed, naive
+    return base.to(DEVICE), routed
 
 
 def on_device(*tensors):
@@ -40,22 +41,19 @@ def on_device(*tensors):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_forward_cfg_and_gradients_match_the_paper_style_router(dtype, no_tf32):
-    base, routed, naive = pair()
+def test_routed_forward_and_gradients_equal_the_formula_on_cuda(dtype, no_tf32):
+    base, routed = pair()
     x, t, y = on_device(*inputs())
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
-        out_r, out_n = routed(x, t, y), naive(x, t, y)
-        torch.testing.assert_close(out_r.float(), out_n.float(), **tol)
-        assert not torch.allclose(out_r.float(), base(x, t, y).float(), rtol=1e-2, atol=1e-2)
-        with torch.no_grad():
-            cfg_r, cfg_n = (m.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y.new_full(y.shape, 10)]), 1.5)
-                            for m in (routed, naive))
-        torch.testing.assert_close(cfg_r.float(), cfg_n.float(), **tol)
-    out_r.float().square().mean().backward()
-    out_n.float().square().mean().backward()
+        out = routed(x, t, y)
+        ref = reference_forward(base, x, t, y, [m.to(DEVICE) for m in dtr_masks(base)])
+        torch.testing.assert_close(out.float(), ref.float(), **tol)
+        assert not torch.allclose(out.float(), base(x, t, y).float(), rtol=1e-2, atol=1e-2)
+    out.float().square().mean().backward()
+    ref.float().square().mean().backward()
     grads = dict(routed.named_parameters())
-    for name, p in naive.named_parameters():
+    for name, p in base.named_parameters():
         g = grads[name].grad
         if p.grad is None:  # frozen (the fixed positional embedding)
             assert g is None, name
@@ -67,18 +65,16 @@ def test_forward_cfg_and_gradients_match_the_paper_style_router(dtype, no_tf32):
 def test_out_of_range_timestep_raises_on_cuda():
     """The range check is asynchronous on CUDA (no host sync per call): it ends the CUDA context, so it runs in
     its own process, and the error must name the range."""
-    code = ("import torch, dtr, sys; sys.path.insert(0, 'tests'); from test_wrap import tiny_dit, inputs\n"
+    code = ("import torch, dtr; from helpers import tiny_dit, inputs\n"
             "m = dtr.wrap(tiny_dit()).model.cuda(); x, t, y = inputs()\n"
             "m(x.cuda(), torch.full_like(t, 1000).cuda(), y.cuda()); torch.cuda.synchronize()\n")
-    from conftest import ROOT
-
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", code], cwd=TESTS, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
     assert "timesteps outside [0, 1000)" in r.stderr or "device-side assert" in r.stderr, r.stderr[-2000:]
 
 
 def test_deepcopy_for_ema_routes_like_the_original_on_cuda():
-    _, routed, _ = pair()
+    _, routed = pair()
     ema = copy.deepcopy(routed)
     x, t, y = on_device(*inputs())
     with torch.no_grad():
@@ -90,7 +86,7 @@ def test_deepcopy_for_ema_routes_like_the_original_on_cuda():
 
 
 def test_threads_on_their_own_streams_get_their_own_timesteps():
-    _, routed, _ = pair(depth=2)
+    _, routed = pair(depth=2)
     x, _, y = on_device(*inputs())
     steps = [torch.zeros(6, dtype=torch.long, device=DEVICE), torch.full((6,), 999, device=DEVICE)]
     with torch.no_grad():
@@ -118,7 +114,7 @@ def test_threads_on_their_own_streams_get_their_own_timesteps():
 
 def test_replicate_and_parallel_apply_route_each_replica_by_its_own_slice():
     """What nn.DataParallel does: replicas (on every GPU, or twice on the one there is) run in threads."""
-    _, routed, _ = pair(depth=2)
+    _, routed = pair(depth=2)
     devices = list(range(torch.cuda.device_count())) if torch.cuda.device_count() > 1 else [0, 0]
     x, _, y = on_device(*inputs())
     t = torch.tensor([0, 999, 500, 37, 250, 998], device=DEVICE)

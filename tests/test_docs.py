@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FENCE = re.compile(r"((?:<!-- docs-test-(?:(?!-->).)*-->\s*)*)```python\n(.*?)```", re.S)
 SETUP = re.compile(r"<!-- docs-test-setup\n(.*?)-->", re.S)

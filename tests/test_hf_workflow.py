@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 
 import dtr
-from test_adapters import INDEX_T, unet_cond, unet_cond_call
+from helpers import INDEX_T, unet_cond, unet_cond_call
 
 LORA = dict(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
 
@@ -89,10 +89,3 @@ def test_accelerate_prepare_unwrap_save_model_and_state_round_trip(tmp_path):
     train_steps(resumed, fresh, fresh_opt, 2, seed=10)
     with torch.no_grad():
         torch.testing.assert_close(unet_cond_call(fresh.eval(), INDEX_T), want, rtol=0, atol=0)
-
-
-def test_wrapping_after_accelerate_patched_forward_is_refused():
-    model = unet_cond()
-    model.forward = model.forward  # what accelerate's mixed precision does: an instance attribute
-    with pytest.raises(ValueError, match="forward was replaced on the instance.*before accelerator.prepare"):
-        dtr.wrap(model)

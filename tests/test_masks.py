@@ -120,6 +120,16 @@ def test_ratio_too_small_for_width():
         dtr.task_masks(10, 8, 0.1)
 
 
+@given(st.integers(2, 5000))
+def test_the_suggested_smallest_ratio_works_for_every_width(channels):
+    """The error suggests a ratio; that ratio must leave one channel (at widths 48 and 64 a rounded 1/C did not)."""
+    with pytest.raises(ValueError, match="use sharing_ratio >= ") as info:
+        dtr.active_channels(channels, 0.5 / channels)
+    suggested = float(str(info.value).rsplit(">= ", 1)[1])
+    assert dtr.active_channels(channels, suggested) == 1
+    assert suggested <= 2 / channels  # the smallest such decimal, not any ratio that works
+
+
 @pytest.mark.parametrize("alpha", [0, -1.0, float("nan"), float("inf")])
 def test_bad_alpha(alpha):
     with pytest.raises(ValueError, match="alpha must be a finite number > 0"):
@@ -155,6 +165,22 @@ def test_timesteps_to_tasks_forms():
     u = torch.tensor([0.0, 0.5, 1.0])
     assert torch.equal(timesteps_to_tasks(u, T, "unit"), torch.tensor([0, 500, 999]))  # round(499.5) = 500 (even)
     assert torch.equal(timesteps_to_tasks(u, T, "unit_reversed"), torch.tensor([999, 500, 0]))
+    # (1 - sigma) * 1000, T = data (Mochi): T - t as a DDPM timestep
+    assert torch.equal(timesteps_to_tasks(torch.tensor([0.0, 250.4, 1000.0]), T, "index_reversed"), torch.tensor([999, 750, 0]))
+    # one timestep per token, and integer types narrower than int64
+    assert torch.equal(timesteps_to_tasks(torch.tensor([[1, 2], [3, 999]]), T), torch.tensor([[1, 2], [3, 999]]))
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        assert torch.equal(timesteps_to_tasks(torch.tensor([0, 5, 200], dtype=dtype), T), torch.tensor([0, 5, 200]))
+
+
+def test_floats_a_schedulers_rounding_puts_just_outside_the_range_count_as_its_end():
+    """Sana-Sprint's first sigma is 1.0000037: a slack of 1e-4 of the range, no more."""
+    assert timesteps_to_tasks(torch.tensor([1.0000037]), 1000, "unit").item() == 999
+    assert timesteps_to_tasks(torch.tensor([-1e-6]), 1000, "unit").item() == 0
+    assert timesteps_to_tasks(torch.tensor([1000.05]), 1000).item() == 999
+    for t, kind in ((1.0002, "unit"), (1000.2, "index"), (-0.2, "index")):
+        with pytest.raises(ValueError, match="timesteps must be in"):
+            timesteps_to_tasks(torch.tensor([t]), 1000, kind)
 
 
 @given(st.floats(0, 1))
@@ -172,6 +198,8 @@ def test_unit_time_maps_into_range_monotonically(u):
         (torch.tensor([float("nan")]), "index"),
         (torch.tensor([1.01]), "unit"),
         (torch.tensor([-0.01]), "unit_reversed"),
+        (torch.tensor([1001.0]), "index_reversed"),
+        (torch.tensor([256], dtype=torch.int16) * 4, "index"),
     ],
 )
 def test_timesteps_out_of_range(t, kind):
@@ -181,7 +209,7 @@ def test_timesteps_out_of_range(t, kind):
 
 def test_timesteps_bad_shape_and_type():
     with pytest.raises(ValueError, match="shape"):
-        timesteps_to_tasks(torch.zeros(2, 3, dtype=torch.long), 1000)
+        timesteps_to_tasks(torch.zeros(2, 3, 1, dtype=torch.long), 1000)
     with pytest.raises(TypeError, match="timestep"):
         timesteps_to_tasks("5", 1000)
     with pytest.raises(TypeError, match="timestep"):

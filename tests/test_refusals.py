@@ -37,23 +37,86 @@ class ConvNet(nn.Module):
         return x
 
 
-def test_channels_first_residual_input_is_refused_and_channel_axis_routes_the_channels():
+class GroupNormResidual(nn.Module):
+    """A user's channels-first block that declares no width: y = x + conv(GroupNorm(x))."""
+
+    def __init__(self, channels=16):
+        super().__init__()
+        self.norm = nn.Sequential(nn.GroupNorm(4, channels))
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv(self.norm(x))
+
+
+@pytest.mark.parametrize("block", [ConvResidual, GroupNormResidual])
+@pytest.mark.parametrize("shape", [(2, 16, 12, 12), (2, 16, 16, 16), (2, 16, 4, 4, 4)])
+def test_channels_first_residual_input_is_refused_until_channel_axis_says_where_channels_are(block, shape):
+    """4-d and larger input is never guessed: not when no width is declared, not when the width equals W."""
     torch.manual_seed(0)
     model = ConvNet()
-    x, t = torch.randn(2, 16, 12, 12), torch.tensor([0, 999])
+    model.blocks = nn.ModuleList([block(), block()])
+    if len(shape) == 5:
+        for b in model.blocks:
+            b.conv = nn.Conv3d(16, 16, 3, padding=1)
+    x, t = torch.randn(*shape), torch.tensor([0, 999])
     dtr.wrap(model, blocks=r"blocks\.\d", sharing_ratio=0.5)
-    with pytest.raises(ValueError, match=r"masks the last axis of 'blocks.0'.*of size 12.*width 16 is an inner axis.*channel_axis=1"):
+    with pytest.raises(ValueError, match=rf"'blocks.0' takes a {len(shape)}-d input.*channel_axis=1\) for channels first"):
         model(x, t)
     dtr.unwrap(model)
-    plain = [b.forward for b in model.blocks]
+    plain = [type(b).forward.__get__(b) for b in model.blocks]
     dtr.wrap(model, blocks=r"blocks\.\d", sharing_ratio=0.5, channel_axis=1)
-    m = dtr.task_masks(T, 16, 0.5)[t].float()[:, :, None, None]  # (B, C, 1, 1): per channel, all pixels
+    m = dtr.task_masks(T, 16, 0.5)[t].float().view(2, 16, *[1] * (len(shape) - 2))  # per channel, all positions
     h = x
     for f in plain:
         h = f(m * h) + (1 - m) * h
     with torch.no_grad():
-        torch.testing.assert_close(model(x, t), h, rtol=0, atol=1e-6)
-    assert dtr.routing_of(model).config["channel_axis"] == 1
+        torch.testing.assert_close(model(x, t), h, rtol=0, atol=1e-5)
+    assert dtr.routing_of(model).config["io"][block.__name__]["channel_axis"] == 1
+
+
+class TokensFirst(nn.Module):
+    """A 1-d conv residual block on (B, C, L): its declared width is axis 1, not the last axis."""
+
+    def __init__(self):
+        super().__init__()
+        self.out_channels = 16
+        self.conv = nn.Conv1d(16, 16, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv(x)
+
+
+def test_a_channels_first_3d_block_that_declares_its_width_is_refused():
+    model = ConvNet()
+    model.blocks = nn.ModuleList([TokensFirst()])
+    dtr.wrap(model, blocks=["blocks.0"])
+    with pytest.raises(ValueError, match="the module's width 16 is axis 1: for a channels-first block pass channel_axis=1"):
+        model(torch.randn(2, 16, 10), torch.tensor([0, 999]))
+
+
+def test_gate_placement_checks_the_axis_it_masks_against_the_module():
+    """A gate on a channels-last LayerNorm would mask tokens on axis 1: refused, naming the axis to use."""
+    torch.manual_seed(0)
+    net = LayerNormNet()
+    dtr.wrap(net, blocks=["norm"], placement="gate")
+    x, t = torch.randn(2, 16, 16), torch.tensor([0, 999])  # 16 tokens of width 16: axis 1 has the width's size too
+    with pytest.raises(ValueError, match="gate placement masks axis 1 of 'norm'.*of size 5, but the module's width is 16: pass channel_axis=-1"):
+        net(torch.randn(2, 5, 16), t)
+    dtr.unwrap(net)
+    dtr.wrap(net, blocks=["norm"], placement="gate", channel_axis=-1)
+    m = dtr.task_masks(T, 16, 0.8)[t].float()[:, None, :]
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, t), m * nn.LayerNorm.forward(net.norm, x), rtol=0, atol=0)
+
+
+class LayerNormNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(16)
+
+    def forward(self, x, t):
+        return self.norm(x)
 
 
 @pytest.mark.parametrize("axis", [0, 4, -5])

@@ -10,6 +10,7 @@ import torch.distributed as dist
 
 import config
 import dtr
+import runs
 from models import DiT
 
 #################################################################################
@@ -95,9 +96,9 @@ def create_logger(logging_dir, rank):
     return logger
 
 
-def autocast(cfg, device):
-    """bf16 autocast on GPU when general.mixed_precision; a no-op on CPU."""
-    enabled = bool(cfg.general.mixed_precision) and device.type == "cuda"
+def autocast(mixed_precision, device):
+    """bf16 autocast on GPU when mixed_precision (general.mixed_precision); a no-op on CPU."""
+    enabled = bool(mixed_precision) and device.type == "cuda"
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
@@ -137,86 +138,18 @@ def route(model, cfg):
     )
 
 
-# Keys that must agree between a checkpoint and the config that samples (or resumes) it.
-MODEL_KEYS = (
-    "data.name", "data.num_classes", "general.image_size", "models.name", "models.hidden_size", "models.depth",
-    "models.num_heads", "models.routing.sharing_ratio", "models.routing.taskcount", "models.routing.init_method",
-    "models.routing.alpha", "models.routing.seed",
-)
+def load_model_for_sampling(cfg, device, log=print):
+    """The trained DiT (EMA weights unless eval.use_ema=false), routed as configured, in eval mode.
 
-
-def check_same_model(cfg, saved, path, keys=MODEL_KEYS):
-    """Fail if the checkpoint was trained with other model or routing keys than cfg asks for."""
-    from omegaconf import OmegaConf
-
-    saved = OmegaConf.create(saved)
-    diffs = []
-    for key in keys:
-        ours, theirs = OmegaConf.select(cfg, key), OmegaConf.select(saved, key, default=None)
-        if key == "models.routing.init_method" and theirs is not None:
-            ours, theirs = ours.lower(), theirs.lower()
-        if key.startswith("models.routing") and key != "models.routing.sharing_ratio" and not config.is_routed(cfg):
-            continue  # routing details do not matter for the baseline
-        if ours != theirs:
-            diffs.append(f"{key}={theirs}")
-    if diffs:
-        raise config.ConfigError(
-            f"{path} was trained with {' '.join(diffs)}; pass the same keys (or eval.ckpt= a matching checkpoint)"
-        )
-
-
-def model_string(cfg):
-    """DiT-XL/2 -> DiT-XL-2, for folder names."""
-    return cfg.models.name.replace("/", "-")
-
-
-def checkpoint_path(cfg):
-    """eval.ckpt if set, else {results_dir}/{model}/{eval.ckpt_path.version:03d}/checkpoints/{iterations:07d}.pt."""
-    if cfg.eval.ckpt is not None:
-        return cfg.eval.ckpt
-    v, it = cfg.eval.ckpt_path.version, cfg.eval.ckpt_path.iterations
-    return os.path.join(cfg.logs.results_dir, model_string(cfg), f"{v:03d}", "checkpoints", f"{it:07d}.pt")
-
-
-def load_checkpoint(path, mmap=False):
-    """torch.load a recipe checkpoint (or a plain state dict, such as DiT's released ones), weights only.
-
-    mmap=True maps the file instead of reading it (for weights that are copied into a model anyway).
-    A missing, unreadable (truncated, empty) or foreign file raises a one-line ConfigError naming it.
+    The checkpoint is verified against its digest and its model keys against cfg (ConfigError naming the file).
     """
-    if not os.path.isfile(path):
-        raise config.ConfigError(
-            f"no checkpoint at {path}: train first with the same keys, or set eval.ckpt=<path> "
-            "(or eval.ckpt_path.version / eval.ckpt_path.iterations; general.resume for train.py)"
-        )
-    try:
-        with warnings.catch_warnings():
-            # torch < 2.4 warns about its own TypedStorage while loading: not the user's business
-            warnings.filterwarnings("ignore", message="TypedStorage is deprecated")
-            try:
-                ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-            except RuntimeError:
-                if not mmap:
-                    raise
-                ckpt = torch.load(path, map_location="cpu", weights_only=True)  # an old (non-zip) file cannot be mapped
-    except Exception as err:  # torch.load raises many types: RuntimeError, EOFError, UnpicklingError, ...
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else "the file ends early"
-        raise config.ConfigError(
-            f"cannot read checkpoint {path} ({type(err).__name__}: {reason}); expected a file written by "
-            "train.py (or a DiT state dict) with torch.save"
-        ) from None
-    if not isinstance(ckpt, dict):
-        raise config.ConfigError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint; expected a dict written by train.py (or a DiT state dict)")
-    return ckpt
-
-
-def load_model_for_sampling(cfg, device, logger=None):
-    """The trained DiT (EMA weights unless eval.use_ema=false), routed as configured, in eval mode."""
-    path = checkpoint_path(cfg)
-    ckpt = load_checkpoint(path, mmap=True)
+    path = runs.checkpoint_path(cfg)
+    ckpt, note = runs.load_checkpoint(path, mmap=True)
+    if note is not None:
+        log(note)
     if "model" in ckpt:  # a train.py checkpoint
         if "config" in ckpt:
-            check_same_model(cfg, ckpt["config"], path)
+            runs.check_same_model(cfg, ckpt["config"], path)
         state = ckpt["ema"] if cfg.eval.use_ema else ckpt["model"]
     else:  # a bare state dict
         state = ckpt
@@ -225,10 +158,11 @@ def load_model_for_sampling(cfg, device, logger=None):
         model.load_state_dict(state)
     except RuntimeError as err:  # a foreign file, or other model keys than the config's
         detail = " ".join(line.strip() for line in str(err).splitlines()[1:])[:300]
-        raise config.ConfigError(f"{path} does not hold the weights of {cfg.models.name} as configured: {detail}") from None
+        raise config.ConfigError(
+            f"{path} does not hold the weights of {cfg.models.name} as configured: {detail}"
+        ) from None
     route(model, cfg)
-    if logger is not None:
-        logger.info(f"Loaded {'EMA ' if cfg.eval.use_ema and 'ema' in ckpt else ''}weights from {path}")
+    log(f"Loaded {'EMA ' if cfg.eval.use_ema and 'ema' in ckpt else ''}weights from {path}")
     return model.to(device).eval()
 
 
@@ -278,7 +212,7 @@ def sample(model, diffusion, z, y, cfg, generator):
         kwargs = dict(y=y)
         fn = model.forward
     loop = diffusion.ddim_sample_loop if cfg.eval.sampler == "ddim" else diffusion.p_sample_loop
-    with autocast(cfg, z.device):
+    with autocast(cfg.general.mixed_precision, z.device):
         out = loop(fn, z.shape, z, clip_denoised=False, model_kwargs=kwargs, device=z.device, generator=generator)
     out = out.float()
     return out.chunk(2, dim=0)[0] if using_cfg else out
@@ -294,7 +228,7 @@ def to_images(x, cfg, vae, chunk=32):
         return gray[..., None].expand(*gray.shape, 3).contiguous().numpy()
     out = []
     for part in x.split(chunk):
-        with autocast(cfg, part.device):
+        with autocast(cfg.general.mixed_precision, part.device):
             images = vae.decode(part / vae_scaling_factor(vae)).sample
         images = torch.clamp(127.5 * images.float() + 128.0, 0, 255)
         out.append(images.permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8))
@@ -309,5 +243,7 @@ def sampling_diffusion(cfg):
     try:
         return create_diffusion(respacing, noise_schedule=cfg.general.schedule_name)
     except ValueError:  # DDIM needs an integer stride; fall back to evenly spaced steps
-        warnings.warn(f"eval.num_sampling_steps={steps}: no integer DDIM stride, using evenly spaced steps")
+        warnings.warn(
+            f"eval.num_sampling_steps={steps}: no integer DDIM stride, using evenly spaced steps", stacklevel=2
+        )
         return create_diffusion(str(steps), noise_schedule=cfg.general.schedule_name)

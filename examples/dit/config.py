@@ -18,7 +18,6 @@ import os
 import sys
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import List, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -65,8 +64,8 @@ Sampler = choices("Sampler", ["ddpm", "ddim"])
 
 @dataclass
 class General:
-    data_path: Optional[str] = MISSING
-    latents_dir: Optional[str] = MISSING
+    data_path: str | None = MISSING
+    latents_dir: str | None = MISSING
     iterations: int = MISSING
     num_workers: int = MISSING
     global_batch_size: int = MISSING
@@ -77,9 +76,9 @@ class General:
     schedule_name: Schedule = MISSING
     loss_weight_type: str = MISSING
     vae: str = MISSING
-    vae_config: Optional[str] = MISSING
+    vae_config: str | None = MISSING
     uw_intervals: int = MISSING
-    resume: Optional[str] = MISSING
+    resume: str | None = MISSING
     fork: bool = MISSING
     compile: bool = MISSING
     grad_checkpoint: bool = MISSING
@@ -106,9 +105,9 @@ class Routing:
 @dataclass
 class Models:
     name: ModelName = MISSING
-    hidden_size: Optional[int] = MISSING
-    depth: Optional[int] = MISSING
-    num_heads: Optional[int] = MISSING
+    hidden_size: int | None = MISSING
+    depth: int | None = MISSING
+    num_heads: int | None = MISSING
     class_dropout_prob: float = MISSING
     routing: Routing = field(default_factory=Routing)
 
@@ -142,18 +141,18 @@ class Eval:
     cfg_scale: float = MISSING
     num_sampling_steps: int = MISSING
     ckpt_path: CkptPath = field(default_factory=CkptPath)
-    ckpt: Optional[str] = MISSING
+    ckpt: str | None = MISSING
     use_ema: bool = MISSING
     sampler: Sampler = MISSING
-    guide_channels: Optional[int] = MISSING
+    guide_channels: int | None = MISSING
     save_png: bool = MISSING
-    class_labels: List[int] = MISSING
-    grid: Optional[str] = MISSING
-    sample_batch: Optional[str] = MISSING
-    ref_batch: Optional[str] = MISSING
-    feature_extractor: Optional[str] = MISSING
-    feature_extractor_weights: Optional[str] = MISSING
-    metrics_file: Optional[str] = MISSING
+    class_labels: list[int] = MISSING
+    grid: str | None = MISSING
+    sample_batch: str | None = MISSING
+    ref_batch: str | None = MISSING
+    feature_extractor: str | None = MISSING
+    feature_extractor_weights: str | None = MISSING
+    metrics_file: str | None = MISSING
 
 
 @dataclass
@@ -220,7 +219,9 @@ def load(argv=(), validate_values=True):
             raise ConfigError(f"argument {arg!r} is not key=value (e.g. general.loss_weight_type=uw)")
         key, value = arg.split("=", 1)
         if key.startswith(("+", "~")):
-            raise ConfigError(f"argument {arg!r}: Hydra's +key / ~key syntax is not supported; set existing keys with key=value")
+            raise ConfigError(
+                f"argument {arg!r}: Hydra's +key / ~key syntax is not supported; set existing keys with key=value"
+            )
         if key == "data":
             if value not in data_presets():
                 raise ConfigError(f"data={value!r} is not a data set; valid choices: {', '.join(data_presets())}")
@@ -249,7 +250,7 @@ def load(argv=(), validate_values=True):
 def _check_key(schema, key):
     node, path = schema, []
     for part in key.split("."):
-        if not isinstance(node, DictConfig) or part not in node.keys():
+        if not isinstance(node, DictConfig) or part not in node.keys():  # noqa: SIM118 (`in` skips MISSING keys)
             where = ".".join(path)
             valid = sorted(node.keys()) if isinstance(node, DictConfig) else []
             guess = difflib.get_close_matches(part, valid, n=1)
@@ -259,7 +260,7 @@ def _check_key(schema, key):
             raise ConfigError(f"unknown config key {key!r}{hint}; valid keys {scope}: {', '.join(valid)}{extra}")
         node, path = node._get_node(part), path + [part]
     if isinstance(node, DictConfig):
-        raise ConfigError(f"{key!r} is a group, not a value; set its keys: {', '.join(f'{key}.{k}' for k in node.keys())}")
+        raise ConfigError(f"{key!r} is a group, not a value; set its keys: {', '.join(f'{key}.{k}' for k in node)}")
 
 
 def _describe(e):
@@ -304,15 +305,22 @@ def validate(cfg):
             raise ConfigError(f"general.image_size must be 8 for data=digits (8x8 images), got {g.image_size}")
     else:
         if g.vae not in PRETRAINED_VAES and not os.path.isdir(g.vae):
-            raise ConfigError(f"general.vae={g.vae!r} is not valid; choose one of: ema, mse, or a local AutoencoderKL folder")
+            raise ConfigError(
+                f"general.vae={g.vae!r} is not valid; choose one of: ema, mse, or a local AutoencoderKL folder"
+            )
         if g.vae_config is not None and not os.path.isfile(g.vae_config):
             raise ConfigError(f"general.vae_config: no such file {g.vae_config!r}")
         factor = vae_geometry(cfg)[1]
         if g.image_size < factor or g.image_size % factor:
-            raise ConfigError(f"general.image_size must be a multiple of the VAE's downsampling factor {factor}, got {g.image_size}")
+            raise ConfigError(
+                f"general.image_size must be a multiple of the VAE's downsampling factor {factor}, got {g.image_size}"
+            )
     size = input_size(cfg)
     if size % patch:
-        raise ConfigError(f"models.name={m.name}: patch size {patch} does not divide the model input size {size} (general.image_size={g.image_size})")
+        raise ConfigError(
+            f"models.name={m.name}: patch size {patch} does not divide the model input size {size} "
+            f"(general.image_size={g.image_size})"
+        )
 
 
 #################################################################################
@@ -353,6 +361,11 @@ def in_channels(cfg):
 def input_size(cfg):
     """Spatial size the DiT sees: the image for digits, the VAE latent otherwise."""
     return cfg.general.image_size if cfg.data.name == "digits" else cfg.general.image_size // vae_geometry(cfg)[1]
+
+
+def model_string(cfg):
+    """DiT-XL/2 -> DiT-XL-2, for folder names."""
+    return cfg.models.name.replace("/", "-")
 
 
 def routing_method(cfg):

@@ -66,11 +66,13 @@ class ImageFolderDataset(Dataset):
         from torchvision import transforms
         from torchvision.datasets import ImageFolder
 
-        transform = transforms.Compose([
-            transforms.Lambda(lambda image: center_crop_arr(image, image_size)),
-            transforms.ToTensor(),
-            transforms.Normalize(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5], inplace=True),
-        ])
+        transform = transforms.Compose(
+            [
+                transforms.Lambda(lambda image: center_crop_arr(image, image_size)),
+                transforms.ToTensor(),
+                transforms.Normalize(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5], inplace=True),
+            ]
+        )
         self.folder = ImageFolder(root, transform=transform, loader=load_image)
         self.classes = self.folder.classes
 
@@ -206,20 +208,30 @@ def build_dataset(cfg):
         return DigitsDataset()
     path = cfg.general.data_path
     if path is None:
-        raise ConfigError("general.data_path is required for data=ImageNet: an ImageFolder root or an extract_latents.py folder")
+        raise ConfigError(
+            "general.data_path is required for data=ImageNet: an ImageFolder root or an extract_latents.py folder"
+        )
     if not os.path.isdir(path):
         raise ConfigError(f"general.data_path={path!r} is not a folder")
     if is_latents_dir(path):
         dataset = LatentsDataset(path)
         meta = dataset.meta
         vae = os.path.basename(os.path.normpath(cfg.general.vae))
-        for key, ours, theirs in (("general.image_size", cfg.general.image_size, meta["image_size"]), ("general.vae", vae, meta["vae"])):
+        for key, ours, theirs in (
+            ("general.image_size", cfg.general.image_size, meta["image_size"]),
+            ("general.vae", vae, meta["vae"]),
+        ):
             if ours != theirs:
-                raise ConfigError(f"{key}={ours!r} but the latents in {path} were extracted with {theirs!r}: set {key}={theirs}")
+                raise ConfigError(
+                    f"{key}={ours!r} but the latents in {path} were extracted with {theirs!r}: set {key}={theirs}"
+                )
     else:
         dataset = ImageFolderDataset(path, cfg.general.image_size)
     if len(dataset.classes) > cfg.data.num_classes:
-        raise ConfigError(f"{path} has {len(dataset.classes)} classes but data.num_classes={cfg.data.num_classes}: set data.num_classes={len(dataset.classes)}")
+        raise ConfigError(
+            f"{path} has {len(dataset.classes)} classes but data.num_classes={cfg.data.num_classes}: "
+            f"set data.num_classes={len(dataset.classes)}"
+        )
     return dataset
 
 

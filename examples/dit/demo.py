@@ -15,22 +15,27 @@ import time
 
 import torch
 
-from dtr.viz import plot_masks as plot_task_masks
-
-import common
 import config
 import evaluate
 import sample
 import sample_ddp
 import train
+from dtr.viz import plot_masks as plot_task_masks
 
 
 def plot_masks(cfg, path):
     """The (task x channel) picture of the routing masks of the demo's model."""
     _, hidden, _, _ = config.architecture(cfg)
     r = cfg.models.routing
-    plot_task_masks(path, channels=hidden, sharing_ratio=r.sharing_ratio, alpha=r.alpha, num_tasks=r.taskcount,
-                    method=config.routing_method(cfg), seed=r.seed)
+    plot_task_masks(
+        path,
+        channels=hidden,
+        sharing_ratio=r.sharing_ratio,
+        alpha=r.alpha,
+        num_tasks=r.taskcount,
+        method=config.routing_method(cfg),
+        seed=r.seed,
+    )
     return path
 
 
@@ -49,16 +54,19 @@ def main(argv=()):
     start = time.time()
     fit_threads()
     cfg = config.load(["data=digits", *argv])
-    print(f"== Training {cfg.models.name} on digits for {cfg.general.iterations} steps "
-          f"(sharing_ratio={cfg.models.routing.sharing_ratio}, loss_weight_type={cfg.general.loss_weight_type})")
+    print(
+        f"== Training {cfg.models.name} on digits for {cfg.general.iterations} steps "
+        f"(sharing_ratio={cfg.models.routing.sharing_ratio}, loss_weight_type={cfg.general.loss_weight_type})"
+    )
     result = train.main(cfg)
     trained = time.time()
 
     # Sample and evaluate the checkpoint just written (not the derived version 000):
     cfg.eval.ckpt = result["checkpoint"]
-    out_dir = os.path.join(cfg.eval.samples_dir, common.model_string(cfg))
+    out_dir = os.path.join(cfg.eval.samples_dir, config.model_string(cfg))
     os.makedirs(out_dir, exist_ok=True)
-    print(f"== Sampling a grid, then {cfg.eval.num_fid_samples} samples ({cfg.eval.num_sampling_steps} steps, cfg {cfg.eval.cfg_scale})")
+    e = cfg.eval
+    print(f"== Sampling a grid, then {e.num_fid_samples} samples ({e.num_sampling_steps} steps, cfg {e.cfg_scale})")
     cfg.eval.grid = os.path.join(out_dir, "grid.png")
     grid = sample.main(cfg, per_class=4)
     masks = plot_masks(cfg, os.path.join(out_dir, "masks.png")) if config.is_routed(cfg) else None
@@ -68,8 +76,8 @@ def main(argv=()):
     metrics = evaluate.main(cfg)
     done = time.time()
 
-    print("\n== Digits demo done in {:.0f} s (train {:.0f} s, sample {:.0f} s, evaluate {:.0f} s)".format(
-        done - start, trained - start, sampled - trained, done - sampled))
+    times = f"train {trained - start:.0f} s, sample {sampled - trained:.0f} s, evaluate {done - sampled:.0f} s"
+    print(f"\n== Digits demo done in {done - start:.0f} s ({times})")
     print(f"   checkpoint: {result['checkpoint']}")
     print(f"   sample grid (4 per class): {grid}")
     if masks is not None:

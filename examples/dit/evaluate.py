@@ -43,7 +43,9 @@ def load_images(path, image_size=None):
             images = [center_crop_arr(im, image_size) for im in images]
         return np.stack([np.asarray(im, dtype=np.uint8) for im in images]), None
     if not os.path.isfile(path):
-        raise config.ConfigError(f"no such file: {path} (run sample_ddp.py with the same keys, or set eval.sample_batch / eval.ref_batch)")
+        raise config.ConfigError(
+            f"no such file: {path} (run sample_ddp.py with the same keys, or set eval.sample_batch / eval.ref_batch)"
+        )
     with np.load(path) as f:
         if "arr_0" not in f.files:
             raise ValueError(f"{path} has no arr_0 (the ADM format: arr_0 = (N, H, W, 3) uint8 images)")
@@ -128,7 +130,10 @@ def main(cfg):
     digits = cfg.data.name == "digits"
     extractor = cfg.eval.feature_extractor or (digits_classifier.NAME if digits else "inception-v3-compat")
     if extractor not in FEATURE_EXTRACTORS_REGISTRY:
-        raise config.ConfigError(f"eval.feature_extractor={extractor!r} is not valid; choose one of: {', '.join(FEATURE_EXTRACTORS_REGISTRY)}")
+        raise config.ConfigError(
+            f"eval.feature_extractor={extractor!r} is not valid; "
+            f"choose one of: {', '.join(FEATURE_EXTRACTORS_REGISTRY)}"
+        )
     weights = cfg.eval.feature_extractor_weights
     if extractor == digits_classifier.NAME:
         weights = weights or digits_classifier.default_path()
@@ -141,7 +146,9 @@ def main(cfg):
 
         reference, _ = real_digits_uint8()
     else:
-        raise config.ConfigError("eval.ref_batch is required: the ADM reference batch (VIRTUAL_imagenet256_labeled.npz) or an image folder")
+        raise config.ConfigError(
+            "eval.ref_batch is required: the ADM reference batch (VIRTUAL_imagenet256_labeled.npz) or an image folder"
+        )
     if reference.shape[1:] != samples.shape[1:]:
         raise ValueError(f"samples are {samples.shape[1:]} but the reference images are {reference.shape[1:]}")
 
@@ -163,9 +170,11 @@ def main(cfg):
 
 def format_metrics(m):
     lines = [f"{m['num_samples']} samples vs {m['num_reference']} reference images, features: {m['feature_extractor']}"]
-    lines.append(f"  FID {m['fid']:.3f} | IS {m['is']:.3f} (+- {m['is_std']:.3f}) | Precision {m['precision']:.3f} | Recall {m['recall']:.3f}")
+    fid_is = f"FID {m['fid']:.3f} | IS {m['is']:.3f} (+- {m['is_std']:.3f})"
+    lines.append(f"  {fid_is} | Precision {m['precision']:.3f} | Recall {m['recall']:.3f}")
     if "class_accuracy" in m:
-        lines.append(f"  class accuracy of samples {m['class_accuracy']:.2%} (classifier on held-out real digits: {m['classifier_held_out_accuracy']:.2%})")
+        accuracy, held_out = m["class_accuracy"], m["classifier_held_out_accuracy"]
+        lines.append(f"  class accuracy of samples {accuracy:.2%} (classifier on held-out real digits: {held_out:.2%})")
     return "\n".join(lines)
 
 

@@ -59,7 +59,13 @@ def main(cfg):
     # This rank's images: rank, rank + W, ...; written in shards of SHARD_SIZE samples.
     mine = Subset(dataset, range(rank, len(dataset), world_size))
     batch_size = max(1, cfg.general.global_batch_size // world_size)
-    loader = DataLoader(mine, batch_size=batch_size, shuffle=False, num_workers=cfg.general.num_workers, pin_memory=device.type == "cuda")
+    loader = DataLoader(
+        mine,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=cfg.general.num_workers,
+        pin_memory=device.type == "cuda",
+    )
     shards, moments, labels = [], [], []
 
     def flush():

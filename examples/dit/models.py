@@ -6,12 +6,12 @@ trained by the DTR paper's code, which adds no parameters) load with
 ``strict=True``. The timm building blocks DiT imports (PatchEmbed, Attention, Mlp)
 are written here with the same parameter names, so timm is not needed.
 
-Two things matter for ``dtr``, which routes this model through forward hooks:
+Two things matter for routing (``dtr.wrap``; how it routes: docs/concepts.md):
 
 - every block is called as a module (``block(x, c)``), also under gradient
   checkpointing, and the timestep enters through ``self.t_embedder(t)``;
-- ``forward_with_cfg`` runs the model through ``self(...)``, so hooks on the
-  root module fire on the guided path too.
+- ``forward_with_cfg`` runs the model through ``self(...)``, so the guided path
+  is routed by its timesteps too.
 """
 
 import functools
@@ -54,7 +54,7 @@ class PatchEmbed(nn.Module):
     def forward(self, x):
         if tuple(x.shape[-2:]) != self.img_size:
             raise ValueError(f"input of spatial size {tuple(x.shape[-2:])}, the model expects {self.img_size}")
-        x = self.proj(x)                     # (N, D, H/p, W/p)
+        x = self.proj(x)  # (N, D, H/p, W/p)
         return x.flatten(2).transpose(1, 2)  # (N, T, D)
 
 
@@ -253,6 +253,7 @@ class DiT(nn.Module):
 
     def initialize_weights(self):
         """DiT's initialisation; zero adaLN and output layers make a fresh model output zero."""
+
         # Transformer linears: xavier uniform weights, zero biases.
         def _basic_init(module):
             if isinstance(module, nn.Linear):
@@ -298,7 +299,7 @@ class DiT(nn.Module):
         return rearrange(x, "n (h w) (p q c) -> n c (h p) (w q)", h=h, w=w, p=p, q=p)
 
     def run_block(self, block, x, c):
-        """One block, called as a module (forward hooks fire), checkpointed if asked while training."""
+        """One block, called as a module (so that routing sees it), checkpointed if asked while training."""
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(block, x, c, use_reentrant=False)
         return block(x, c)
@@ -311,13 +312,13 @@ class DiT(nn.Module):
         y: (N,) tensor of class labels (num_classes is the null class)
         """
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D), where T = H * W / patch_size ** 2
-        t = self.t_embedder(t)                   # (N, D)
-        y = self.y_embedder(y, self.training)    # (N, D)
-        c = t + y                                # (N, D)
+        t = self.t_embedder(t)  # (N, D)
+        y = self.y_embedder(y, self.training)  # (N, D)
+        c = t + y  # (N, D)
         for block in self.blocks:
-            x = self.run_block(block, x, c)      # (N, T, D)
-        x = self.final_layer(x, c)               # (N, T, patch_size ** 2 * out_channels)
-        x = self.unpatchify(x)                   # (N, out_channels, H, W)
+            x = self.run_block(block, x, c)  # (N, T, D)
+        x = self.final_layer(x, c)  # (N, T, patch_size ** 2 * out_channels)
+        x = self.unpatchify(x)  # (N, out_channels, H, W)
         return x
 
     def forward_with_cfg(self, x, t, y, cfg_scale, guide_channels=None):
@@ -391,9 +392,19 @@ def _size(depth, hidden_size, num_heads, patch_size):
 
 # facebookresearch/DiT's twelve sizes, and DiT-T (depth 4, width 64): a toy size for CPU runs.
 DiT_models = {
-    "DiT-XL/2": _size(28, 1152, 16, 2), "DiT-XL/4": _size(28, 1152, 16, 4), "DiT-XL/8": _size(28, 1152, 16, 8),
-    "DiT-L/2": _size(24, 1024, 16, 2), "DiT-L/4": _size(24, 1024, 16, 4), "DiT-L/8": _size(24, 1024, 16, 8),
-    "DiT-B/2": _size(12, 768, 12, 2), "DiT-B/4": _size(12, 768, 12, 4), "DiT-B/8": _size(12, 768, 12, 8),
-    "DiT-S/2": _size(12, 384, 6, 2), "DiT-S/4": _size(12, 384, 6, 4), "DiT-S/8": _size(12, 384, 6, 8),
-    "DiT-T/1": _size(4, 64, 4, 1), "DiT-T/2": _size(4, 64, 4, 2), "DiT-T/4": _size(4, 64, 4, 4),
+    "DiT-XL/2": _size(28, 1152, 16, 2),
+    "DiT-XL/4": _size(28, 1152, 16, 4),
+    "DiT-XL/8": _size(28, 1152, 16, 8),
+    "DiT-L/2": _size(24, 1024, 16, 2),
+    "DiT-L/4": _size(24, 1024, 16, 4),
+    "DiT-L/8": _size(24, 1024, 16, 8),
+    "DiT-B/2": _size(12, 768, 12, 2),
+    "DiT-B/4": _size(12, 768, 12, 4),
+    "DiT-B/8": _size(12, 768, 12, 8),
+    "DiT-S/2": _size(12, 384, 6, 2),
+    "DiT-S/4": _size(12, 384, 6, 4),
+    "DiT-S/8": _size(12, 384, 6, 8),
+    "DiT-T/1": _size(4, 64, 4, 1),
+    "DiT-T/2": _size(4, 64, 4, 2),
+    "DiT-T/4": _size(4, 64, 4, 4),
 }

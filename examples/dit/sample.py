@@ -15,13 +15,14 @@ from torchvision.utils import save_image
 
 import common
 import config
+import runs
 
 
 def grid_path(cfg):
     if cfg.eval.grid is not None:
         return cfg.eval.grid
-    ckpt = os.path.splitext(os.path.basename(common.checkpoint_path(cfg)))[0]
-    return os.path.join(cfg.eval.samples_dir, common.model_string(cfg), f"grid-{ckpt}-cfg-{cfg.eval.cfg_scale}.png")
+    ckpt = os.path.splitext(os.path.basename(runs.checkpoint_path(cfg)))[0]
+    return os.path.join(cfg.eval.samples_dir, config.model_string(cfg), f"grid-{ckpt}-cfg-{cfg.eval.cfg_scale}.png")
 
 
 @torch.no_grad()
@@ -32,7 +33,9 @@ def main(cfg, per_class=1, upscale=None):
     vae = common.load_vae(cfg, device) if cfg.data.name != "digits" else None
 
     if not cfg.eval.class_labels or any(not 0 <= c < cfg.data.num_classes for c in cfg.eval.class_labels):
-        raise config.ConfigError(f"eval.class_labels must be class indices in [0, {cfg.data.num_classes}), got {list(cfg.eval.class_labels)}")
+        raise config.ConfigError(
+            f"eval.class_labels must be class indices in [0, {cfg.data.num_classes}), got {list(cfg.eval.class_labels)}"
+        )
     labels = list(cfg.eval.class_labels) * per_class
     model = common.load_model_for_sampling(cfg, device)
     generator = torch.Generator(device).manual_seed(cfg.general.global_seed)

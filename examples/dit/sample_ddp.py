@@ -33,7 +33,7 @@ def sample_folder(cfg):
     if cfg.data.num_classes > 1:
         name += f"-cfg-{e.cfg_scale}"
     name += f"-seed-{g.global_seed}"
-    return os.path.join(e.samples_dir, common.model_string(cfg), name)
+    return os.path.join(e.samples_dir, config.model_string(cfg), name)
 
 
 def assemble_npz(folder, world_size, num_samples):
@@ -67,7 +67,7 @@ def main(cfg):
     logger = common.create_logger(None, rank)
 
     # Load the model, the sampling diffusion and the VAE:
-    model = common.load_model_for_sampling(cfg, device, logger)
+    model = common.load_model_for_sampling(cfg, device, logger.info)
     diffusion = common.sampling_diffusion(cfg)
     vae = common.load_vae(cfg, device) if cfg.data.name != "digits" else None
     channels, size = config.in_channels(cfg), config.input_size(cfg)
@@ -91,11 +91,13 @@ def main(cfg):
         images.append(batch)
         labels.append(y.cpu().numpy())
         if cfg.eval.save_png:
-            for i, image in zip(indices, batch):
+            for i, image in zip(indices, batch, strict=True):
                 Image.fromarray(image).save(os.path.join(folder, f"{i:06d}.png"))
     images = np.concatenate(images) if images else np.zeros((0, 1, 1, 3), np.uint8)
     labels = np.concatenate(labels) if labels else np.zeros((0,), np.int64)
-    np.savez(os.path.join(folder, f"part-{rank:05d}-of-{world_size:05d}.npz"), images=images, labels=labels, indices=mine)
+    np.savez(
+        os.path.join(folder, f"part-{rank:05d}-of-{world_size:05d}.npz"), images=images, labels=labels, indices=mine
+    )
 
     # Make sure every rank has written its part before rank 0 assembles the .npz:
     common.barrier()

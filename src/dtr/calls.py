@@ -28,7 +28,7 @@ from ._compat import is_compiling
 class Call:
     """The routing state of one model call: its task indices and, in eager mode, the masks built from them."""
 
-    __slots__ = ("outer", "tasks", "masks", "owner", "entered", "captured", "traced", "image_tokens")
+    __slots__ = ("outer", "tasks", "masks", "owner", "entered", "captured", "image_tokens")
 
     def __init__(self, outer: "Call | None", tasks: torch.Tensor | None = None, owner: object = None):
         self.outer = outer  # the call this one runs inside (same thread), or None
@@ -38,9 +38,6 @@ class Call:
         self.entered = False  # the owner's forward has started (a direct forward() call is a call of its own)
         self.captured = False  # the timestep module has given the tasks
         self.image_tokens: int | None = None  # image tokens of this call, for joined streams (BlockIO.joined)
-        # A call made inside a compiled graph lives only in the trace, so caching in it costs no guard;
-        # a real call read by a compiled block (regional compilation) must not be written by the graph.
-        self.traced = is_compiling()
 
 
 class CallStack:

@@ -38,12 +38,12 @@ def active_channels(channels: int, sharing_ratio: float) -> int:
 
 
 def smallest_ratio(channels: int) -> float:
-    """The shortest decimal ratio r with int(channels * r) >= 1: what the error above can safely suggest."""
+    """The shortest decimal ratio r with int(channels * r) == 1: what the error above can safely suggest."""
     for digits in range(1, 18):
         r = math.ceil(10**digits / channels) / 10**digits
-        if int(channels * r) >= 1:
+        if int(channels * r) == 1:
             return r
-    return 1.0
+    return 1.0 / channels
 
 
 def window_starts(num_tasks: int, channels: int, sharing_ratio: float = 0.8, alpha: float = 4.0) -> np.ndarray:

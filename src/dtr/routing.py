@@ -1,7 +1,8 @@
 """The routing handle: what is routed and how, attached to a model (all modules or none) and detached again.
 
 ``Routing`` builds one ``Runtime`` for the model and one small behaviour per module it touches (the model's
-call, the timestep module, each routed block), and attaches them with ``mechanism.attach_all``.
+call, the timestep module, each routed block), and attaches them with ``mechanism.attach_all``.  A model with a
+diffusers config also gets the routing's record in it (``record``), so that diffusers' own saves write it.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import nn
 from .masks import active_channels, task_masks
 from .mechanism import attach_all, behaviour_of, check_attachable, detach_all
 from .placements import Gate, Residual, declared_width
+from .record import attach_record, detach_record
 from .runtime import Runtime
 from .spec import RoutedModule, RoutingConfig, RoutingSpec
 from .timesteps import ModelCall, TimestepCapture, locate_timestep, plant
@@ -58,6 +60,12 @@ class Routing:
             check_attachable(module, name, behaviour)
         attach_all([(module, behaviour) for _, module, behaviour in parts])
         self._modules = [module for _, module, _ in parts]
+        try:
+            attach_record(model, self.config)
+        except BaseException:  # all or nothing: the modules go back, the config is as it was
+            detach_all(self._modules)
+            self._modules = []
+            raise
 
     # -- per call ---------------------------------------------------------------------------
     def current_tasks(self) -> torch.Tensor | None:
@@ -67,9 +75,13 @@ class Routing:
 
     # -- public ---------------------------------------------------------------------------
     def remove(self) -> None:
-        """Detach every module: the model computes exactly what it computed before ``wrap``."""
+        """Detach every module: the model computes exactly what it computed before ``wrap``, and its config (a
+        diffusers model's) no longer carries the routing, so that its next save is an unrouted one."""
+        if not self._modules:
+            return  # removed already: the model may be routed again by another handle, whose record stays
         detach_all(self._modules)
         self._modules = []
+        detach_record(self.model)
 
     @property
     def active(self) -> bool:

@@ -58,15 +58,16 @@ class Runtime:
     def masks(self, call: Call, like: torch.Tensor, axis: int, block: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(mask, 1 - mask) of ``call``'s tasks for ``like`` with channels on ``axis``, shaped to broadcast over it.
 
-        In ``like``'s dtype and device, built once per call and width (inline in the blocks of a regional
-        compilation, which must not write into the eager call they read).
+        In ``like``'s dtype and device, built once per eager call and width.  Compiled code builds them inline and
+        caches nothing: a cache write inside a checkpointed region is a side effect TorchDynamo cannot trace, and
+        AOTAutograd's common-subexpression pass merges the identical masks of all blocks anyway.
         """
         tasks = call.tasks
         channels = like.shape[axis]
         _check_tasks_fit(tasks, like, axis, name)
         random = self.config.method == "random"
         key = (channels, like.dtype, like.device, block if random else -1)
-        cache = not is_compiling() or call.traced
+        cache = not is_compiling()
         pair = call.masks.get(key) if cache else None
         if pair is None:
             c_b = active_channels(channels, self.config.sharing_ratio)

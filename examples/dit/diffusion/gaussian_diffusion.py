@@ -11,10 +11,10 @@ import math
 
 import numpy as np
 import torch
+
 from dtr.weighting import parse_loss_weight_type, snr_from_alphas_cumprod
 
 from .losses import discretized_gaussian_log_likelihood, normal_kl
-
 
 #################################################################################
 #                                    Helpers                                    #
@@ -297,9 +297,9 @@ class GaussianDiffusion:
         )
 
     def _predict_eps_from_xstart(self, x_t, t, pred_xstart):
-        return (
-            self._extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - pred_xstart
-        ) / self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t)
+        return (self._extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - pred_xstart) / self._extract(
+            self.sqrt_recipm1_alphas_cumprod, t, x_t
+        )
 
     def condition_mean(self, cond_fn, p_mean_var, x, t, model_kwargs=None):
         """Classifier guidance (Sohl-Dickstein et al.): shift the mean by variance * grad log p(y | x)."""
@@ -376,8 +376,15 @@ class GaussianDiffusion:
         generator=None,
     ):
         """Like p_sample_loop, but yield each step's p_sample() dict."""
-        step = functools.partial(self.p_sample, model, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                                 cond_fn=cond_fn, model_kwargs=model_kwargs, generator=generator)
+        step = functools.partial(
+            self.p_sample,
+            model,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+            cond_fn=cond_fn,
+            model_kwargs=model_kwargs,
+            generator=generator,
+        )
         yield from self._progressive(step, model, shape, noise, device, progress, generator)
 
     # ---------------------------------------------------------------- DDIM sampling
@@ -458,8 +465,16 @@ class GaussianDiffusion:
         generator=None,
     ):
         """Like ddim_sample_loop, but yield each step's ddim_sample() dict."""
-        step = functools.partial(self.ddim_sample, model, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                                 cond_fn=cond_fn, model_kwargs=model_kwargs, eta=eta, generator=generator)
+        step = functools.partial(
+            self.ddim_sample,
+            model,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+            cond_fn=cond_fn,
+            model_kwargs=model_kwargs,
+            eta=eta,
+            generator=generator,
+        )
         yield from self._progressive(step, model, shape, noise, device, progress, generator)
 
     def _progressive(self, step, model, shape, noise, device, progress, generator):
@@ -477,7 +492,7 @@ class GaussianDiffusion:
     # ---------------------------------------------------------------- losses
 
     def _vb_terms_bpd(self, model, x_start, x_t, t, clip_denoised=True, model_kwargs=None):
-        """One VLB term in bits per dim: the decoder NLL at t = 0, KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) otherwise."""
+        """One VLB term in bits per dim: the decoder NLL at t = 0, else KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t))."""
         true_mean, _, true_log_variance_clipped = self.q_posterior_mean_variance(x_start=x_start, x_t=x_t, t=t)
         out = self.p_mean_variance(model, x_t, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs)
         kl = normal_kl(true_mean, true_log_variance_clipped, out["mean"], out["log_variance"])

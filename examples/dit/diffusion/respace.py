@@ -54,7 +54,7 @@ class SpacedDiffusion(GaussianDiffusion):
         self.original_num_steps = len(kwargs["betas"])
         base_diffusion = GaussianDiffusion(**kwargs)
         self.timestep_map = sorted(self.use_timesteps)
-        assert 0 <= self.timestep_map[0] and self.timestep_map[-1] < self.original_num_steps
+        assert self.timestep_map[0] >= 0 and self.timestep_map[-1] < self.original_num_steps
         kept_alphas_cumprod = base_diffusion.alphas_cumprod[self.timestep_map]
         last_alphas_cumprod = np.append(1.0, kept_alphas_cumprod[:-1])
         kwargs["betas"] = 1.0 - kept_alphas_cumprod / last_alphas_cumprod

@@ -136,7 +136,7 @@ def test_q_sample_monte_carlo_mean_and_variance():
 
 
 def test_q_posterior_matches_bayes_rule():
-    """q(x_{t-1} | x_t, x_0) from the product of N(sqrt(a_prev) x0, 1 - a_prev) and N(x_t; sqrt(alpha) x_{t-1}, beta)."""
+    """q(x_{t-1} | x_t, x_0): the product of N(sqrt(a_prev) x0, 1 - a_prev) and N(x_t; sqrt(alpha) x_{t-1}, beta)."""
     diffusion = create_diffusion("")
     gen = torch.Generator().manual_seed(1)
     x0 = torch.randn(4, 2, 3, 3, generator=gen, dtype=torch.float64)
@@ -210,9 +210,9 @@ def test_space_timesteps_strides():
     # DiT accumulates the float stride 99/14: step 7 of section 2 lands at 149 (7 * 99/14 = 49.5 would round to 150).
     assert sections[10 + 7] == 149
     assert space_timesteps(T, [T]) == set(range(T))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="cannot divide section of 10 steps into 11"):
         space_timesteps(10, "11")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="cannot create exactly 600 steps"):
         space_timesteps(T, "ddim600")  # strides 1 and 2 give 1000 and 500 steps
 
 
