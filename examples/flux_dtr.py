@@ -1,4 +1,4 @@
-"""DTR on an MMDiT: fine-tune a tiny routed Flux transformer with Flux's flow-matching loss, then sample with FluxPipeline.
+"""DTR on an MMDiT: fine-tune a tiny routed Flux transformer with Flux's flow-matching loss, then sample with it.
 
 The training step is the one diffusers' Flux fine-tuning scripts take (examples/dreambooth/train_dreambooth_flux.py):
 latents from the VAE, shifted and scaled; a noise level sigma drawn per sample (logit-normal by default, with
@@ -58,7 +58,7 @@ def components(width: int, seed: int):
 
 
 def prompts(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stand-ins for the text encoders' outputs: one fixed (TEXT_LEN, TEXT_DIM) embedding and pooled vector per digit."""
+    """In place of the text encoders' outputs: a fixed (TEXT_LEN, TEXT_DIM) embedding and pooled vector per digit."""
     g = torch.Generator().manual_seed(seed + 1)
     return torch.randn(10, TEXT_LEN, TEXT_DIM, generator=g), torch.randn(10, POOLED_DIM, generator=g)
 

@@ -14,20 +14,19 @@ Regenerate the tables in docs/adapters.md (about two minutes on one core):
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import os
 import re
 import sys
 import tempfile
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
+import diffusers
 import numpy as np
 import torch
 from torch import nn
-
-import diffusers
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import diffusers_families as F  # noqa: E402
@@ -44,7 +43,7 @@ COMPILED = ("DiT", "PixArt-alpha/sigma", "Flux", "Wan", "UNet2D")  # compile == 
 
 
 def window_table(channels: int, ratio: float, alpha: float = 4.0) -> torch.Tensor:
-    """(T, C) float masks: task t keeps channels [start_t, start_t + C_b), start_t = round((t/(T-1))^alpha (C - C_b))."""
+    """(T, C) float masks: task t keeps [start_t, start_t + C_b), start_t = round((t / (T-1))^alpha * (C - C_b))."""
     c_b = int(channels * ratio)
     start = np.round(np.linspace(0, 1, T) ** alpha * (channels - c_b)).astype(np.int64)
     c = np.arange(channels)
@@ -297,8 +296,10 @@ def outputs_and_grads(case: Case, model: nn.Module, t, batch: int = 2, state: St
     model.zero_grad(set_to_none=True)
     out = case.run(model, t, batch)
     out.square().mean().backward()
-    grads = {n.replace("._ref_inner", "").removeprefix("_orig_mod."): (p.grad if p.grad is not None else torch.zeros_like(p)).clone()
-             for n, p in model.named_parameters()}
+    grads = {}
+    for n, p in model.named_parameters():
+        grads[n.replace("._ref_inner", "").removeprefix("_orig_mod.")] = (
+            p.grad.clone() if p.grad is not None else torch.zeros_like(p))
     return out.detach(), grads
 
 
@@ -372,7 +373,7 @@ def check_batch(case: Case) -> str:
     dtr.wrap(routed)
     with torch.no_grad():
         both, alone = case.run(routed, case.mid()), case.run(routed, case.mid()[:1], batch=1)
-    torch.testing.assert_close(both[:1], alone, rtol=1e-5, atol=1e-5, msg=lambda m: f"sample 0 alone vs in a batch: {m}")
+    torch.testing.assert_close(both[:1], alone, rtol=1e-5, atol=1e-5, msg=lambda m: f"sample 0 alone vs batched: {m}")
     return "✓"
 
 
@@ -402,7 +403,7 @@ def check_save_load(case: Case) -> str:
     routed = case.make()
     routing = dtr.wrap(routed, sharing_ratio=0.5, alpha=2.0)
     with tempfile.TemporaryDirectory() as folder, torch.no_grad():
-        dtr.save_pretrained(routed, folder)
+        routed.save_pretrained(folder)  # diffusers' own save: the routing travels in the model's config
         loaded = dtr.from_pretrained(getattr(diffusers, case.model_cls), folder).eval()
         assert dtr.routing_of(loaded).config == routing.config
         assert torch.equal(case.run(loaded, case.mid()), case.run(routed, case.mid())), "loaded model differs"
@@ -430,15 +431,15 @@ def check_pipelines(case: Case) -> str:
         model = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
         routing = dtr.wrap(model)
         seen = []
-        first = routing.routed[0].module
-        handle = first.register_forward_hook(lambda *a: seen.append(dtr.routing_of(model).current_tasks().clone()))
+        handle = routing.routed[0].module.register_forward_hook(
+            lambda *a, seen=seen, routing=routing: seen.append(routing.current_tasks().clone()))
         with F.record_timesteps(model, case.timestep_position, "timestep") as raw, torch.no_grad():
             pipe(num_inference_steps=2, generator=torch.Generator().manual_seed(0), **spec.run_kwargs())
         handle.remove()
         assert len(raw) == len(seen) == 2, (len(raw), len(seen))
         expected = F.expected_timesteps(pipe.scheduler, spec.convention, 2)
         steps = []
-        for i, (t, tasks) in enumerate(zip(raw, seen)):
+        for i, (t, tasks) in enumerate(zip(raw, seen, strict=True)):
             assert torch.equal(tasks, F.task_index(t, spec.convention).view(tasks.shape)), (spec.cls, i, t, tasks)
             noisy = tasks[tasks != 0] if spec.per_token else tasks
             assert torch.equal(noisy, F.task_index(expected[i], spec.convention).expand(noisy.shape)), (spec.cls, i)
@@ -461,13 +462,13 @@ CHECKS: dict[str, Callable[[Case], str]] = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def result(name: str, check: str) -> str:
     """The cell of `check` for family `name`: its value, or "✗" followed by what failed."""
     torch.manual_seed(0)
     try:
         return CHECKS[check](CASES[name])
-    except Exception as e:  # noqa: BLE001: a failed check is a cell of the table and the reason of the test failure
+    except Exception as e:  # a failed check is a cell of the table, and its message the test failure's reason
         return f"✗ {type(e).__name__}: {e}"
 
 
@@ -526,12 +527,13 @@ def doc_tables(text: str) -> tuple[str, str]:
 
 
 def write_doc() -> None:
-    text = open(DOC).read()
-    routing, checks = tables()
-    for (start, end), table in zip((MARKERS[:2], MARKERS[2:]), (routing, checks)):
+    with open(DOC) as f:
+        text = f.read()
+    for (start, end), table in zip((MARKERS[:2], MARKERS[2:]), tables(), strict=True):
         i, j = text.index(start) + len(start), text.index(end)
         text = text[:i] + "\n" + table + "\n" + text[j:]
-    open(DOC, "w").write(text)
+    with open(DOC, "w") as f:
+        f.write(text)
 
 
 if __name__ == "__main__":

@@ -7,18 +7,18 @@ the lowest-versions CI (diffusers 0.33); tests/test_families.py checks the curre
 
 import copy
 
+import diffusers
 import pytest
 import torch
-
-import diffusers
 
 if tuple(int(v) for v in diffusers.__version__.split(".")[:2]) >= (0, 35):
     pytest.skip(f"diffusers {diffusers.__version__}: Flux single blocks take two streams (tests/test_families.py)",
                 allow_module_level=True)
 
 import diffusers_families as F  # noqa: E402
-import dtr  # noqa: E402
 import family_checks as C  # noqa: E402
+
+import dtr  # noqa: E402
 
 JOINED_SINGLE = F.BlockSpec(r"single_transformer_blocks\.\d+", "FluxSingleTransformerBlock",
                             ("hidden_states", "temb", "image_rotary_emb", "joint_attention_kwargs"), "hidden_states",

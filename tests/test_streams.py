@@ -240,7 +240,7 @@ def test_a_stream_from_a_child_routes_the_residual_the_block_has():
     assert torch.equal(one[0], plain[0])
     # blocks.0's output feeds blocks.1 and the long skip: its three gradient terms are summed in another order
     # once blocks.1 is routed (the block's two terms first), so gradients agree to that sum's rounding
-    for a, b in zip(one[1], plain[1]):
+    for a, b in zip(one[1], plain[1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     dtr.unwrap(model)
     reference = copy.deepcopy(model)
@@ -248,7 +248,7 @@ def test_a_stream_from_a_child_routes_the_residual_the_block_has():
     assert [r.name for r in routing.routed] == ["blocks.0", "blocks.1", "blocks.2"]
     got, want = _grads(model, lambda: model(x, t)), _grads(reference, lambda: skip_reference(reference, x, t))
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
-    for a, b in zip(got[1], want[1]):
+    for a, b in zip(got[1], want[1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     assert not torch.allclose(got[0], plain[0], atol=1e-3)
     # the child called on its own (outside its block's routed call) is the plain module
@@ -276,7 +276,7 @@ def test_a_stream_from_a_child_under_checkpointing_copies_wrappers_and_no_grad()
     model.blocks[2] = Checkpointed(model.blocks[2])
     got = _grads(model, lambda: model(x, t))
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
-    for a, b in zip(got[1], want[1]):
+    for a, b in zip(got[1], want[1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
     with torch.no_grad():
         torch.testing.assert_close(ema(x, t), want[0], rtol=1e-5, atol=1e-6)

@@ -181,8 +181,8 @@ class Residual(_Placement):
         its valid tokens, take the sample's mask; the other rows take 1 and 0, so text passes as the block makes it."""
         n, length = call.image_tokens, x.shape[1]
         if n is None or n > length:
-            raise ValueError(f"dtr: {self.name!r} routes the last {n} (image) tokens of a joined stream, but it received "
-                             f"{tuple(x.shape)}; the image token count comes from RoutingSpec.image_tokens")
+            raise ValueError(f"dtr: {self.name!r} routes the last {n} (image) tokens of a joined stream, but it "
+                             f"received {tuple(x.shape)}; the image token count comes from RoutingSpec.image_tokens")
         valid = self._valid_mask(args, kwargs, x)
         end = length if valid is None else valid.sum(1, keepdim=True)  # (B, 1): each sample's valid tokens
         j = torch.arange(length, device=x.device)

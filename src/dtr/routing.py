@@ -45,13 +45,14 @@ class Routing:
                  for r in self.routed]
         sources = [p[2].source for p in parts if getattr(p[2], "source", None) is not None]
         parts += [(s.name, modules[s.name], s) for s in sources]  # the children a block's stream starts from
+        image = _image_arg(model, spec)
         if spec.timestep_module:
             capture = modules[spec.timestep_module]
             where = locate_timestep(capture, spec.timestep_arg, "(timestep_module)")
             parts.append((spec.timestep_module, capture, TimestepCapture(self.runtime, spec.timestep_module, where)))
-            entry = ModelCall(self.runtime, self, None, {}, _image_arg(model, spec))
+            entry = ModelCall(self.runtime, self, None, {}, image)
         else:
-            entry = ModelCall(self.runtime, self, locate_timestep(model, spec.timestep_arg, ""), {}, _image_arg(model, spec))
+            entry = ModelCall(self.runtime, self, locate_timestep(model, spec.timestep_arg, ""), {}, image)
         for name, _, behaviour in parts:
             plant(entry.tree, name, behaviour)
         parts.insert(0, ("", model, entry))

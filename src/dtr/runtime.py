@@ -36,7 +36,8 @@ class Runtime:
         """The call a routed module runs in, and whether the caller must pop it: the innermost call of this
         thread, or, while a checkpointed region is recomputed, a call with the tasks that region recorded."""
         call = self.calls.current()
-        state, replayed = self.replay.tasks(None if call is None or call.tasks is None else (call.tasks, call.image_tokens))
+        current = None if call is None or call.tasks is None else (call.tasks, call.image_tokens)
+        state, replayed = self.replay.tasks(current)
         if state is None:
             if replayed:
                 why = "its checkpointed region was recorded outside a call of the model"

@@ -124,7 +124,7 @@ class ImageTokens:
         if not self.patch:
             return x.shape[1]
         n = 1
-        for size, p in zip(x.shape[2:], self.patch):
+        for size, p in zip(x.shape[2:], self.patch, strict=True):
             n = n * (size // p)
         return n
 
