@@ -4,8 +4,9 @@ A plain module (no tests): `CASES` are the 16 diffusers transformer families of 
 diffusers U-Nets, tiny and perturbed. `reference_model` builds the routing by hand, never with dtr: a copy of the
 unrouted model in which each routed block is replaced by a wrapper computing `block(m * x) + (1 - m) * x` on the
 block's declared stream (the groundwork's facts, checked against real calls by tests/test_diffusers_families.py),
-with masks from the paper's window formula and tasks from each pipeline's timestep convention. `row(name)` runs
-every check of a family and renders its rows of the two tables in docs/adapters.md.
+with masks from the paper's window formula and tasks from each pipeline's timestep convention. `result(name, check)`
+runs one check of a family (once per process); `routing_row` and `checks_row` render a family's rows of the two
+tables in docs/adapters.md.
 
 Regenerate the tables in docs/adapters.md (about two minutes on one core):
 
@@ -18,20 +19,17 @@ import dataclasses
 import functools
 import os
 import re
-import sys
 import tempfile
 from collections.abc import Callable
 from typing import Any
 
 import diffusers
+import diffusers_families as F
 import numpy as np
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import diffusers_families as F  # noqa: E402
-
-import dtr  # noqa: E402
+import dtr
 
 DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "adapters.md")
 T = F.NUM_TASKS

@@ -20,10 +20,9 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import dtr  # noqa: E402
-from conftest import ROOT  # noqa: E402
 
 SETTINGS = settings(max_examples=8, deadline=None, derandomize=True)
-with open(f"{ROOT}/docs/adapters.md") as _doc:
+with open(C.DOC) as _doc:
     TEXT = _doc.read()
 DOC_ROWS = [{row.split(" | ")[0].strip("| "): row for row in table.splitlines()[2:]} for table in C.doc_tables(TEXT)]
 SLOW = {"DiT", "PixArt-alpha/sigma", "Flux", "Wan", "UNet2D"}  # their row includes compiling the model
