@@ -12,7 +12,7 @@ from .masks import active_channels, task_masks, timesteps_to_tasks, window_start
 from .paper import convert_paper_state_dict
 from .pretrained import from_pretrained, save_pretrained, wrap_from_config
 from .routing import Routing
-from .spec import BlockIO, RoutingConfig, RoutingSpec
+from .spec import BlockIO, ImageTokens, RoutingConfig, RoutingSpec
 
 __all__ = [
     "__version__",
@@ -29,6 +29,7 @@ __all__ = [
     "RoutingSpec",
     "RoutingConfig",
     "BlockIO",
+    "ImageTokens",
     "convert_paper_state_dict",
     "save_pretrained",
     "from_pretrained",

@@ -28,7 +28,7 @@ from ._compat import is_compiling
 class Call:
     """The routing state of one model call: its task indices and, in eager mode, the masks built from them."""
 
-    __slots__ = ("outer", "tasks", "masks", "owner", "entered", "captured")
+    __slots__ = ("outer", "tasks", "masks", "owner", "entered", "captured", "image_tokens")
 
     def __init__(self, outer: "Call | None", tasks: torch.Tensor | None = None, owner: object = None):
         self.outer = outer  # the call this one runs inside (same thread), or None
@@ -37,6 +37,7 @@ class Call:
         self.owner = owner  # the model whose call this is (None: a checkpoint recomputation)
         self.entered = False  # the owner's forward has started (a direct forward() call is a call of its own)
         self.captured = False  # the timestep module has given the tasks
+        self.image_tokens: int | None = None  # image tokens of this call, for joined streams (BlockIO.joined)
 
 
 class CallStack:
@@ -106,8 +107,9 @@ class Replay:
     def __init__(self) -> None:
         self._saved: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    def tasks(self, current: torch.Tensor | None) -> tuple[torch.Tensor | None, bool]:
-        """The tasks a routed module must use, and whether they come from a recomputed region.
+    def tasks(self, current: tuple | None) -> tuple[tuple | None, bool]:
+        """What a routed module must use (the tasks and image token count of a call), and whether it comes from a
+        recomputed region.
 
         Outside checkpointing: ``current`` (the call in progress).  Recording a region: ``current``, remembered
         for the region.  Recomputing a region: what it remembered, whatever call is in progress now.

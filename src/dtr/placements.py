@@ -13,6 +13,7 @@ output element carry the routed stream.
 from __future__ import annotations
 
 import inspect
+import threading
 from typing import Any, Callable
 
 import torch
@@ -104,6 +105,7 @@ class _Placement:
         self.index = index  # the block's own draw for method="random"
         self.io = io
         self.input_name, self.input_position = _locate(type(module).forward, io.input)
+        self.valid = None if io.valid is None else _locate(type(module).forward, io.valid)
         self.width = declared_width(module)
 
     def copies_with(self, memo: dict) -> bool:
@@ -149,10 +151,24 @@ class _Placement:
 class Residual(_Placement):
     """``block(m * x) + (1 - m) * x``, each sample (or token) masked by its own task."""
 
+    def __init__(self, runtime: Runtime, name: str, index: int, io: BlockIO, module: nn.Module):
+        super().__init__(runtime, name, index, io, module)
+        child = getattr(module, io.source, None) if io.source else None
+        self.source = Source(self, f"{name}.{io.source}") if isinstance(child, nn.Module) else None
+
     def route(self, module, call_impl, call, args, kwargs):
+        if self.source is not None:
+            return self.route_source(module, call_impl, args, kwargs)
         x, where = self.find_input(args, kwargs)
         axis = self.channel_axis(x)
+        if self.io.joined and call.tasks.ndim == 2:
+            raise ValueError(
+                f"dtr: per-token timesteps {tuple(call.tasks.shape)} cannot route {self.name!r}, whose stream joins "
+                "text and image tokens: pass one timestep per sample"
+            )
         m, inactive = self.runtime.masks(call, x, axis, self.index, self.name)
+        if self.io.joined:
+            m, inactive = self.image_rows(call, x, m, inactive, args, kwargs)
         if is_compiling():  # inductor fuses the mask into neighbouring kernels and derives the backward itself
             output = _call_with_input(call_impl, module, [x * m], where, args, kwargs)
             return self.with_stream(output, torch.addcmul(self._same_shape(x, output), x, inactive))
@@ -162,6 +178,51 @@ class Residual(_Placement):
             return self.with_stream(output, _RouteOut.apply(self._same_shape(x, output), x_res, inactive))
         output = _call_with_input(call_impl, module, [x * m], where, args, kwargs)  # no_grad: no autograd graph
         return self.with_stream(output, torch.addcmul(self._same_shape(x, output), x, inactive))
+
+    def image_rows(self, call, x: torch.Tensor, m: torch.Tensor, inactive: torch.Tensor, args: tuple, kwargs: dict):
+        """(mask, 1 - mask) for a joined [text; image] stream (B, L, C): each sample's image tokens, the last n of
+        its valid tokens, take the sample's mask; the other rows take 1 and 0, so text passes as the block makes it."""
+        n, length = call.image_tokens, x.shape[1]
+        if n is None or n > length:
+            raise ValueError(f"dtr: {self.name!r} routes the last {n} (image) tokens of a joined stream, but it "
+                             f"received {tuple(x.shape)}; the image token count comes from RoutingSpec.image_tokens")
+        valid = self._valid_mask(args, kwargs, x)
+        end = length if valid is None else valid.sum(1, keepdim=True)  # (B, 1): each sample's valid tokens
+        j = torch.arange(length, device=x.device)
+        image = ((j >= end - n) & (j < end))[..., None]  # (L, 1) or (B, L, 1)
+        return torch.where(image, m, 1.0), torch.where(image, inactive, 0.0)
+
+    def _valid_mask(self, args: tuple, kwargs: dict, x: torch.Tensor) -> torch.Tensor | None:
+        """The (B, L) boolean mask of valid tokens (``BlockIO.valid``), or None when every token is valid."""
+        if self.valid is None:
+            return None
+        name, position = self.valid
+        if name is not None and name in kwargs:
+            valid = kwargs[name]
+        else:
+            valid = args[position] if position is not None and position < len(args) else None
+        if valid is None:
+            return None
+        if not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool or tuple(valid.shape) != tuple(x.shape[:2]):
+            got = f"{valid.dtype} {tuple(valid.shape)}" if isinstance(valid, torch.Tensor) else type(valid).__name__
+            raise ValueError(f"dtr: the valid-token argument {self.io.valid!r} of {self.name!r} must be None or a bool "
+                             f"(batch, tokens) = {tuple(x.shape[:2])} tensor, got {got}")
+        return valid
+
+    def route_source(self, module, call_impl, args, kwargs):
+        """``G(m * h) + (1 - m) * h`` for a block that computes ``G(h) = h + F(h)`` on its child's output h."""
+        frame = self.source.open()
+        try:
+            output = call_impl(module, *args, **kwargs)
+        finally:
+            self.source.close(frame)
+        if not frame[1]:
+            raise RuntimeError(f"dtr: {self.name!r} takes its stream from {self.source.name!r}, which did not run")
+        h, inactive = frame[1][-1]
+        out = self._same_shape(h, output)
+        if torch.is_grad_enabled() and not is_compiling():  # h is the residual view _RouteIn gave back
+            return self.with_stream(output, _RouteOut.apply(out, h, inactive))
+        return self.with_stream(output, torch.addcmul(out, h, inactive))
 
     def find_input(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, int | str]:
         """The stream tensor and where it was (a position or a keyword)."""
@@ -208,6 +269,60 @@ class Residual(_Placement):
                 "with block_io=, or choose other blocks"
             )
         return out
+
+
+class Source:
+    """The child module whose output h is a routed block's stream (``BlockIO.source``): inside its block's routed
+    call it returns ``m * h`` and hands ``h`` and ``1 - m`` to the block, which adds ``(1 - m) * h`` to its output.
+    Called on its own, it is the plain module."""
+
+    intercepts_forward = False
+
+    def __init__(self, block: Residual, name: str):
+        self.block = block
+        self.runtime = block.runtime
+        self.name = name
+        self._local = threading.local()  # this thread's open frame (the block call in progress)
+
+    def copies_with(self, memo: dict) -> bool:
+        return id(self.runtime) in memo
+
+    def open(self) -> tuple:
+        frame = (getattr(self._local, "frame", None), [])
+        self._local.frame = frame
+        return frame
+
+    def close(self, frame: tuple) -> None:
+        self._local.frame = frame[0]
+
+    def call(self, module: nn.Module, call_impl: Callable, args: tuple, kwargs: dict) -> Any:
+        h = call_impl(module, *args, **kwargs)
+        frame = getattr(self._local, "frame", None)
+        if frame is None:
+            return h
+        calls = self.runtime.calls
+        outer = calls.current()
+        try:
+            call = self.runtime.call_for(self.name, outer)
+            if call is None:  # recomputing a region opened inside this module's call: what ran there, unrouted
+                return h
+            m, inactive = self.runtime.masks(call, h, self.block.channel_axis(h), self.block.index, self.name)
+        finally:
+            if calls.current() is not outer:
+                calls.restore(outer)
+        if torch.is_grad_enabled() and not is_compiling():
+            z, h = _RouteIn.apply(h, m)  # as Residual: both paths of h meet in one backward
+        else:
+            z = h * m
+        frame[1].append((h, inactive))
+        return z
+
+    def __getstate__(self) -> dict:  # copies never carry a call in progress
+        return {k: v for k, v in self.__dict__.items() if k != "_local"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
 
 
 class Gate(_Placement):

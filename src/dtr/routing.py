@@ -7,6 +7,7 @@ diffusers config also gets the routing's record in it (``record``), so that diff
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Callable, Iterable
 
@@ -39,15 +40,19 @@ class Routing:
         modules = dict(model.named_modules())
         placement = Residual if spec.placement == "residual" else Gate
         self.routed = [RoutedModule(n, modules[n], spec.placement, i) for i, n in enumerate(spec.blocks)]
+        _check_io(spec, self.routed)
         parts = [(r.name, r.module, placement(self.runtime, r.name, r.index, spec.io_for(r.module), r.module))
                  for r in self.routed]
+        sources = [p[2].source for p in parts if getattr(p[2], "source", None) is not None]
+        parts += [(s.name, modules[s.name], s) for s in sources]  # the children a block's stream starts from
+        image = _image_arg(model, spec)
         if spec.timestep_module:
             capture = modules[spec.timestep_module]
             where = locate_timestep(capture, spec.timestep_arg, "(timestep_module)")
             parts.append((spec.timestep_module, capture, TimestepCapture(self.runtime, spec.timestep_module, where)))
-            entry = ModelCall(self.runtime, self, None, {})
+            entry = ModelCall(self.runtime, self, None, {}, image)
         else:
-            entry = ModelCall(self.runtime, self, locate_timestep(model, spec.timestep_arg, ""), {})
+            entry = ModelCall(self.runtime, self, locate_timestep(model, spec.timestep_arg, ""), {}, image)
         for name, _, behaviour in parts:
             plant(entry.tree, name, behaviour)
         parts.insert(0, ("", model, entry))
@@ -137,7 +142,10 @@ class Routing:
             f"  {len(self.routed)} {s.placement} modules: {_abbreviate([r.name for r in self.routed])}",
         ]
         if s.io:
-            lines.append("  streams: " + "; ".join(f"{k}: input {v.input!r}, output {v.output!r}" for k, v in s.io.items()))
+            lines.append("  streams: " + "; ".join(f"{k}: {_describe_io(v)}" for k, v in s.io.items()))
+        if s.image_tokens is not None:
+            lines.append(f"  image tokens of joined streams: counted from argument {s.image_tokens.arg!r}"
+                         + (f" (patch {s.image_tokens.patch})" if s.image_tokens.patch else ""))
         for w in self.widths():
             lines.append(f"  width {w}: {active_channels(w, c.sharing_ratio)} active channels per task")
         if s.note:
@@ -165,6 +173,27 @@ class Routing:
 #################################################################################
 
 
+def _check_io(spec: RoutingSpec, routed: list[RoutedModule]) -> None:
+    """Joined streams need the model's image token count; joined and source streams need residual placement."""
+    for r in routed:
+        io = spec.io_for(r.module)
+        if (io.joined or io.source) and spec.placement != "residual":
+            raise ValueError(f"dtr: BlockIO joined/source of {type(r.module).__name__} needs placement='residual'")
+        if io.joined and spec.image_tokens is None:
+            raise ValueError(
+                f"dtr: {r.name!r} is declared joined ([text; image] tokens) but the spec says nowhere how many image "
+                "tokens a call has: set RoutingSpec.image_tokens=dtr.ImageTokens(<model argument>, <patch>)"
+            )
+
+
+def _image_arg(model: nn.Module, spec: RoutingSpec):
+    """(located argument, ImageTokens) of the model call that gives the image token count, or None."""
+    if spec.image_tokens is None:
+        return None
+    where = locate_timestep(model, spec.image_tokens.arg, "(image tokens)")
+    return dataclasses.replace(where, role="image tokens"), spec.image_tokens
+
+
 def _check_roles(parts: list) -> None:
     seen: dict[int, tuple[str, str]] = {}
     for name, module, behaviour in parts:
@@ -176,6 +205,15 @@ def _check_roles(parts: list) -> None:
                 "cannot be a routed block or the model itself, and each module is routed once"
             )
         seen[id(module)] = (name, role)
+
+
+def _describe_io(io) -> str:
+    text = f"input {io.input!r}, output {io.output!r}"
+    if io.joined:
+        text += ", joined [text; image] (image tokens routed" + (f", valid tokens {io.valid!r})" if io.valid else ")")
+    if io.source:
+        text += f", stream from {io.source!r} where present"
+    return text
 
 
 def _abbreviate(names: list[str]) -> str:

@@ -34,14 +34,19 @@ class Runtime:
 
     def call_for(self, name: str, current: Call | None) -> Call | None:
         """The call a routed module runs in: ``current`` (the innermost call of this thread), or, while a
-        checkpointed region is recomputed, a new call with the tasks that region recorded.  None: the region
-        being recomputed recorded no tasks because it was opened inside this module's own call (composable
-        ``checkpoint(module)`` opens it in a forward pre-hook), so its inputs are masked already and the module
-        must recompute exactly what ran in the region: its call, unrouted."""
-        tasks, replayed = self.replay.tasks(None if current is None else current.tasks)
+        checkpointed region is recomputed, a new call with the tasks (and image-token count) that region recorded.
+        None: the region being recomputed recorded nothing because it was opened inside this module's own call
+        (composable ``checkpoint(module)`` opens it in a forward pre-hook), so its inputs are masked already and
+        the module must recompute exactly what ran in the region: its call, unrouted."""
+        state = None if current is None or current.tasks is None else (current.tasks, current.image_tokens)
+        state, replayed = self.replay.tasks(state)
         if replayed:
-            return None if tasks is None else self.calls.push(tasks)
-        if tasks is None:
+            if state is None:
+                return None
+            call = self.calls.push(state[0])
+            call.image_tokens = state[1]
+            return call
+        if state is None:
             why = ("it was called outside a call of the model (call the model itself, not one of its blocks)"
                    if current is None else "the model's timestep was not read yet (timestep_module runs after it)")
             raise RuntimeError(

@@ -64,11 +64,23 @@ class BlockIO:
     signature) or a position. ``output``: the element of a tuple output carrying the stream back (``None``: the
     output is the stream). ``channel_axis``: the axis the mask acts on (``None``: the placement's default, the
     last axis for residual blocks on (B, N, C) tokens, axis 1 for gates).
+
+    Residual blocks whose stream is not simply their input say so:
+    ``joined``: the stream is a joined [text; image] token sequence (single-stream blocks of MMDiTs); only its
+    image tokens, the last ``RoutingSpec.image_tokens`` of each sample's valid tokens, are routed, and text rows
+    come out as the block computes them. ``valid``: with ``joined``, the block's (B, L) boolean argument that
+    marks each sample's valid tokens when samples are padded to one length (``None``, or the argument ``None``:
+    all tokens). ``source``: a child module whose output is the stream, where the block has that child
+    (HunyuanDiT's long-skip ``skip_linear``): the block computes ``h + F(h)`` on it, so routing gives
+    ``h + F(m * h)``.
     """
 
     input: str | int = 0
     output: int | None = None
     channel_axis: int | None = None
+    joined: bool = False
+    valid: str | int | None = None
+    source: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.input, bool) or not isinstance(self.input, (str, int)):
@@ -79,9 +91,42 @@ class BlockIO:
             check_int(self.output, "BlockIO.output", minimum=0)
         if self.channel_axis is not None and check_int(self.channel_axis, "BlockIO.channel_axis") == 0:
             raise ValueError("BlockIO.channel_axis must not be 0 (the batch axis); 1 = channels first, -1 = last")
+        if not isinstance(self.joined, bool):
+            raise TypeError(f"BlockIO.joined must be True or False, got {self.joined!r}")
+        if self.valid is not None and not self.joined:
+            raise ValueError("BlockIO.valid marks the valid tokens of a joined stream: it needs joined=True")
+        if self.source is not None and (not isinstance(self.source, str) or not self.source):
+            raise TypeError(f"BlockIO.source must be the name of a child module, got {self.source!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ImageTokens:
+    """How many image tokens a model call has, for blocks on a joined [text; image] stream (``BlockIO.joined``).
+
+    Read off the model's argument ``arg``: with ``patch=()`` it holds tokens (B, N, ...) and the count is N; with a
+    patch size (p, p) it holds latents (B, C, H, W) and the count is (H / p) * (W / p).
+    """
+
+    arg: str | int
+    patch: tuple[int, ...] = ()
+
+    def count(self, x: Any) -> int:
+        """The image token count of the argument's value ``x``."""
+        shape = getattr(x, "shape", None)
+        if shape is None or (len(shape) != 2 + len(self.patch) if self.patch else len(shape) < 2):
+            want = f"(batch, channels, {len(self.patch)} grid axes)" if self.patch else "(batch, tokens, ...)"
+            got = f"of shape {tuple(shape)}" if shape is not None else f"a {type(x).__name__}"
+            raise ValueError(f"dtr counts the image tokens of a joined stream from argument {self.arg!r}, which is "
+                             f"{got}; it must be {want}")
+        if not self.patch:
+            return x.shape[1]
+        n = 1
+        for size, p in zip(x.shape[2:], self.patch, strict=True):
+            n = n * (size // p)
+        return n
 
 
 @dataclass(frozen=True)
@@ -101,6 +146,7 @@ class RoutingSpec:
     # (None: the adapter cannot tell what the timestep means; wrap asks for timestep_kind=)
     adapter: str = "custom"
     note: str = ""  # what the summary should tell a user (e.g. which pipeline's timestep convention was chosen)
+    image_tokens: ImageTokens | None = None  # where joined blocks (BlockIO.joined) find the image token count
 
     def io_for(self, module: Any) -> BlockIO:
         """The declared BlockIO of ``module``'s class (or of a base class), else the default."""

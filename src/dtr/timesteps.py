@@ -19,7 +19,7 @@ from ._compat import is_compiling
 from .calls import Call, checkpoint_region
 from .mechanism import ATTR
 from .runtime import Runtime
-from .spec import TIMESTEP_NAMES
+from .spec import TIMESTEP_NAMES, ImageTokens
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,7 @@ class TimestepArg:
     name: str | None
     position: int | None
     owner: str  # "DiT.forward", for messages
+    role: str = "timestep"  # what the argument is, for messages ("timestep", or "image tokens" for ImageTokens.arg)
 
     def describe(self) -> str:
         parts = [repr(self.name)] if self.name is not None else []
@@ -41,9 +42,10 @@ class TimestepArg:
             return kwargs[self.name]
         if self.position is not None and self.position < len(args):
             return args[self.position]
+        hint = "; pass timestep_arg= (a name or position)" if self.role == "timestep" else ""
         raise ValueError(
-            f"dtr: no timestep in this call of {self.owner}: dtr reads {self.describe()}, and the call had "
-            f"{len(args)} positional arguments and keywords {sorted(kwargs)}; pass timestep_arg= (a name or position)"
+            f"dtr: no {self.role} argument in this call of {self.owner}: dtr reads {self.describe()}, and the call "
+            f"had {len(args)} positional arguments and keywords {sorted(kwargs)}{hint}"
         )
 
 
@@ -105,11 +107,13 @@ class ModelCall:
 
     intercepts_forward = True
 
-    def __init__(self, runtime: Runtime, routing: Any, timestep: TimestepArg | None, tree: dict):
+    def __init__(self, runtime: Runtime, routing: Any, timestep: TimestepArg | None, tree: dict,
+                 image: tuple[TimestepArg, ImageTokens] | None = None):
         self.runtime = runtime  # first: a deepcopy copies it before the routing (see __deepcopy__)
         self.routing = routing  # the user's handle, for dtr.routing_of
         self.timestep = timestep  # None: the timestep module gives the tasks
         self.tree = tree  # {child name: subtree or the routed module's behaviour}, the routed modules' places
+        self.image = image  # where a call's image token count is read (RoutingSpec.image_tokens), or None
 
     def copies_with(self, memo: dict) -> bool:
         return True  # a copy of the model is a routed model (an EMA made with copy.deepcopy routes by its own inputs)
@@ -138,10 +142,11 @@ class ModelCall:
             raise TypeError("dtr routing cannot be traced symbolically by torch.fx: use torch.compile or torch.export")
         check_places(module, self.tree)
         tasks = None if self.timestep is None else read_tasks(self.runtime, self.timestep, args, kwargs)
+        image_tokens = None if self.image is None else self.image[1].count(self.image[0].read(args, kwargs))
         calls = self.runtime.calls
         outer = calls.current()
         try:
-            calls.push(tasks, owner=module, entered=entered)
+            calls.push(tasks, owner=module, entered=entered).image_tokens = image_tokens
             return fn(module, *args, **kwargs)
         finally:
             calls.restore(outer)
@@ -202,7 +207,7 @@ def check_places(module: nn.Module, tree: dict, prefix: str = "") -> None:
         child = children.get(key)
         behaviour = node.get("")
         if child is None or (behaviour is not None and getattr(child, ATTR, None) is not behaviour):
-            inside = None if behaviour is None or len(node) > 1 else _path_inside(child, behaviour)
+            inside = None if behaviour is None else _path_inside(child, node)
             if inside is None:
                 _replaced(prefix + key, child)
             tree[key] = inside
@@ -210,12 +215,17 @@ def check_places(module: nn.Module, tree: dict, prefix: str = "") -> None:
             check_places(child, node, f"{prefix}{key}.")
 
 
-def _path_inside(wrapper: nn.Module | None, behaviour: Any) -> dict | None:
-    """A tree leading from ``wrapper`` to the module that holds ``behaviour``, or None."""
+def _path_inside(wrapper: nn.Module | None, node: dict) -> dict | None:
+    """A tree leading from ``wrapper`` to the module that holds ``node``'s behaviour (with ``node``'s routed
+    children below it, e.g. a block's ``BlockIO.source``), or None."""
     for name, module in () if wrapper is None else wrapper.named_modules():
-        if name and module.__dict__.get(ATTR) is behaviour:
+        if name and module.__dict__.get(ATTR) is node[""]:
             tree: dict = {}
-            plant(tree, name, behaviour)
+            *parents, last = name.split(".")
+            branch = tree
+            for key in parents:
+                branch = branch.setdefault(key, {})
+            branch[last] = node
             return tree
     return None
 

@@ -12,7 +12,9 @@ from typing import Callable
 from torch import nn
 
 from ..spec import RoutingSpec
-from .diffusers import diffusers_dit_spec, diffusers_unet_spec
+from .diffusers import diffusers_unet_spec
+from .diffusers_dit import diffusers_dit_spec
+from .diffusers_mmdit import diffusers_mmdit_spec
 from .dit import dit_spec
 from .sit import sit_spec
 from .unet import adm_unet_spec
@@ -20,7 +22,8 @@ from .unet import adm_unet_spec
 Adapter = Callable[[nn.Module], "RoutingSpec | None"]
 
 # Most specific first: SiT is DiT-shaped but runs on continuous time.
-_adapters: list[Adapter] = [sit_spec, dit_spec, diffusers_unet_spec, diffusers_dit_spec, adm_unet_spec]
+_adapters: list[Adapter] = [sit_spec, dit_spec, diffusers_unet_spec, diffusers_dit_spec, diffusers_mmdit_spec,
+                            adm_unet_spec]
 
 
 def register_adapter(adapter: Adapter, *, before: Adapter | str | None = None) -> Adapter:
@@ -63,4 +66,4 @@ def find_adapter(model: nn.Module) -> RoutingSpec | None:
 
 
 __all__ = ["adapters", "find_adapter", "register_adapter", "adm_unet_spec", "diffusers_dit_spec",
-           "diffusers_unet_spec", "dit_spec", "sit_spec"]
+           "diffusers_mmdit_spec", "diffusers_unet_spec", "dit_spec", "sit_spec"]

@@ -1,15 +1,24 @@
-"""diffusers models: ``UNet2DModel`` / ``UNet2DConditionModel`` (gate placement) and ``DiTTransformer2DModel``
-(residual placement).  Recognised by class, subclasses included, without importing diffusers.
+"""diffusers models, recognised by class (subclasses included) without importing diffusers.
 
-The timestep is the model call's ``timestep`` argument (positional 1 or keyword), as pipelines
-and training loops pass it: a (B,) or (1,) tensor, a 0-d tensor, an int or a float.
+U-Nets (``UNet2DModel``, ``UNet2DConditionModel``): gate placement, here.  Transformers: residual placement,
+declared per class as a ``Family`` (blocks, each block class's stream, what the timestep means) in
+``diffusers_dit.py`` (one image stream) and ``diffusers_mmdit.py`` (text and image streams); ``family_spec``
+turns a declaration into the model's ``RoutingSpec``.
+
+The timestep is the model call's ``timestep`` argument (by keyword or at its position), as pipelines and
+training loops pass it.
 """
 
 from __future__ import annotations
 
+import inspect
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
 from torch import nn
 
-from ..spec import RoutingSpec
+from ..spec import BlockIO, ImageTokens, RoutingSpec
 
 UNETS = ("UNet2DModel", "UNet2DConditionModel")
 RESNETS = ("ResnetBlock2D", "ResnetBlockCondNorm2D")
@@ -22,6 +31,11 @@ def _is(obj: object, *names: str) -> bool:
 
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
+
+
+#################################################################################
+#                                    U-Nets                                      #
+#################################################################################
 
 
 def unet_gate_modules(model: nn.Module) -> list[str]:
@@ -55,14 +69,70 @@ def diffusers_unet_spec(model: nn.Module) -> RoutingSpec | None:
     )
 
 
-def diffusers_dit_spec(model: nn.Module) -> RoutingSpec | None:
-    """diffusers ``DiTTransformer2DModel``: residual placement on every ``transformer_blocks.N``."""
-    if not _is(model, "DiTTransformer2DModel"):
+#################################################################################
+#                                 Transformers                                   #
+#################################################################################
+
+
+@dataclass(frozen=True)
+class Family:
+    """A diffusers transformer class as dtr routes it: residual blocks, their streams, the timestep's meaning.
+
+    ``blocks``: full-match regexes of the routed module names. ``io``: each block class's stream (which argument,
+    which output element; joined [text; image] streams; a stream that starts at a child module).
+    ``timestep_kind``: what the timestep that ``pipeline`` passes means (``dtr.timesteps_to_tasks``).
+    ``image_tokens``: for joined streams, where a call's image token count is read: ``"tokens"`` (the model's
+    ``hidden_states`` is (B, N, C)) or ``"latents"`` ((B, C, H, W), patches of ``config.patch_size``).
+    ``variants``: (config key, value, timestep_kind, pipeline) for classes that serve pipelines passing
+    different timesteps, told apart by their config.  ``older``: a block class's stream in older diffusers,
+    recognised by a ``forward`` without the argument named in the pair.
+    """
+
+    blocks: tuple[str, ...]
+    io: Mapping[str, BlockIO]
+    timestep_kind: str
+    pipeline: str
+    image_tokens: str | None = None
+    variants: tuple[tuple[str, object, str, str], ...] = ()
+    older: Mapping[str, tuple[str, BlockIO]] = field(default_factory=dict)
+    note: str = ""
+
+
+# What each timestep kind means, as a pipeline passes it (for the summary's note).
+READS = {
+    "index": "step indices or sigma * 1000 in [0, 1000]",
+    "index_reversed": "(1 - sigma) * 1000, 1000 = data",
+    "unit": "sigma in [0, 1], 1 = noise",
+    "unit_reversed": "1 - sigma in [0, 1], 1 = data",
+}
+
+
+def family_spec(model: nn.Module, families: Mapping[str, Family]) -> RoutingSpec | None:
+    """The RoutingSpec of ``model`` if its class (or a base) is one of ``families``, else None."""
+    name = next((c.__name__ for c in type(model).__mro__
+                 if c.__name__ in families and c.__module__.startswith("diffusers.")), None)
+    if name is None:
         return None
-    return RoutingSpec(
-        blocks=tuple(f"transformer_blocks.{i}" for i in range(len(model.transformer_blocks))),
-        placement="residual",
-        timestep_arg="timestep",
-        timestep_kind="index",
-        adapter="diffusers DiTTransformer2DModel",
-    )
+    family = families[name]
+    config = getattr(model, "config", {})
+    kind, pipeline = family.timestep_kind, family.pipeline
+    for key, value, variant_kind, variant_pipeline in family.variants:
+        if config.get(key) == value:
+            kind, pipeline = variant_kind, variant_pipeline
+    patterns = [re.compile(p) for p in family.blocks]
+    blocks = tuple(n for n, _ in model.named_modules() if any(p.fullmatch(n) for p in patterns))
+    io = dict(family.io)
+    for n in blocks:  # a block class whose forward predates the declared stream (older diffusers)
+        cls = type(model.get_submodule(n))
+        if cls.__name__ in family.older:
+            argument, older_io = family.older[cls.__name__]
+            if argument not in inspect.signature(cls.forward).parameters:
+                io[cls.__name__] = older_io
+    image_tokens = None
+    if any(v.joined for v in io.values()):
+        patch = () if family.image_tokens == "tokens" else (config["patch_size"],) * 2
+        image_tokens = ImageTokens("hidden_states", patch)
+    note = f"timestep read as {pipeline} passes it: {READS[kind]}"
+    return RoutingSpec(blocks=blocks, placement="residual", io=io, timestep_arg="timestep", timestep_kind=kind,
+                       adapter=f"diffusers {name}", note=note + (f"; {family.note}" if family.note else ""),
+                       image_tokens=image_tokens)
