@@ -402,3 +402,64 @@ def test_no_grad_masked_input_is_freed_as_soon_as_the_block_drops_it():
     for b in plain.blocks:
         h = Rebinding.forward(b, m * h, 0.5) + (1 - m) * h
     torch.testing.assert_close(out, h, rtol=0, atol=1e-6)
+
+
+# -- the per-call mask cache and the window starts -------------------------------------------------
+
+
+class TwoDtypes(nn.Module):
+    """The stream enters in float64, is cast to float32 between the two routed blocks of one width."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(8, 8).double(), nn.Linear(8, 8)])
+
+    def forward(self, x, t):
+        return self.blocks[1](self.blocks[0](x).float())
+
+
+def test_masks_of_one_call_are_kept_per_dtype():
+    """Block 1 must get a float32 mask: a float64 one reused from block 0 would make its input float64."""
+    torch.manual_seed(0)
+    model = TwoDtypes()
+    dtr.wrap(model, sharing_ratio=0.5, blocks=r"blocks\.\d")
+    x, t = torch.randn(2, 3, 8, dtype=torch.float64), torch.tensor([0, 999])
+    m = dtr.task_masks(T, 8, 0.5)[t][:, None, :]
+    h = nn.Linear.forward(model.blocks[0], m.double() * x) + (1 - m.double()) * x
+    h = h.float()
+    want = nn.Linear.forward(model.blocks[1], m.float() * h) + (1 - m.float()) * h
+    with torch.no_grad():
+        out = model(x, t)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-6)
+
+
+def test_window_starts_are_kept_per_device():
+    """The same routing on the CPU, then on the meta device (a second device any machine has): starts per device."""
+    model = routed_dit()
+    x, t, y = inputs(batch=3)
+    with torch.no_grad():
+        model(x, t, y)
+        model.to("meta")
+        out = model(x.to("meta"), t.to("meta"), y.to("meta"))
+    assert out.device.type == "meta" and out.shape == (3, 8, 8, 8)
+    assert {d.type for (_, d) in dtr.routing_of(model).runtime._starts} == {"cpu", "meta"}
+
+
+class CapturedTwice(nn.Module):
+    """The module the timestep enters is called twice in one forward (e.g. for t and for a second time r)."""
+
+    def __init__(self):
+        super().__init__()
+        self.time = nn.Embedding(T, 8)
+        self.blocks = nn.ModuleList([nn.Linear(8, 8)])
+
+    def forward(self, x, t, r):
+        return self.blocks[0](x + self.time(t)[:, None] + self.time(r)[:, None])
+
+
+def test_a_timestep_module_called_twice_in_one_call_is_refused():
+    model = CapturedTwice()
+    dtr.wrap(model, blocks=["blocks.0"], timestep_module="time", timestep_arg=0)
+    with pytest.raises(RuntimeError, match="timestep_module 'time' was called twice in one call"), torch.no_grad():
+        model(torch.randn(2, 3, 8), torch.tensor([0, 999]), torch.tensor([5, 6]))

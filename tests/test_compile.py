@@ -1,4 +1,4 @@
-"""torch.compile (inductor, CPU): a compiled routed model computes what eager computes, whatever was compiled
+"""torch.compile (CPU): a compiled routed model computes what eager computes, whatever was compiled
 before it in the process, after unwrap and rewrap, compiled whole or block by block, with no graph break."""
 
 import subprocess
@@ -15,6 +15,9 @@ from helpers import INDEX_T, diffusers_dit, dit_call, inputs, tiny_dit, unet2d, 
 
 pytestmark = pytest.mark.slow
 
+# Which graph runs is TorchDynamo's decision (guards), the same for every backend: most tests compile with
+# aot_eager (TorchDynamo + AOTAutograd, seconds); one order and the checkpointed model also go through inductor.
+BACKEND = "aot_eager"
 OUT_TOL = dict(rtol=1e-4, atol=2e-5)  # inductor fuses and reorders float ops
 GRAD_TOL = dict(rtol=1e-3, atol=1e-5)
 
@@ -59,13 +62,13 @@ def graphs():
 # -- every order ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("routed_first", [False, True])
-def test_unrouted_and_routed_compiled_in_either_order(routed_first):
+@pytest.mark.parametrize("routed_first, backend", [(False, "aot_eager"), (True, "aot_eager"), (True, "inductor")])
+def test_unrouted_and_routed_compiled_in_either_order(routed_first, backend):
     base, routed = model_pair()
     dtr.wrap(routed, sharing_ratio=0.5)
     x, t, y = inputs(batch=4)
     order = [routed, base] if routed_first else [base, routed]
-    compiled = {id(m): torch.compile(m) for m in order}
+    compiled = {id(m): torch.compile(m, backend=backend) for m in order}
     before = graphs()
     got = {id(m): out(compiled[id(m)], x, t, y) for m in order}
     assert graphs() - before == 2  # two graphs: neither model ran the other's
@@ -82,7 +85,7 @@ def test_unwrap_then_rewrap_with_another_ratio_after_compile():
     x, t, y = inputs(batch=4)
     plain = out(model, x, t, y)
     routing = dtr.wrap(model, sharing_ratio=0.5)
-    compiled = torch.compile(model)
+    compiled = torch.compile(model, backend=BACKEND)
     half = out(compiled, x, t, y)
     torch.testing.assert_close(half, out(model, x, t, y), **OUT_TOL)
     routing.remove()
@@ -102,7 +105,7 @@ def test_unwrap_then_rewrap_with_another_ratio_after_compile():
 def test_compiled_graph_follows_each_calls_timesteps_and_random_routing():
     _, model = model_pair()
     dtr.wrap(model, sharing_ratio=0.5, method="random", seed=3)
-    compiled = torch.compile(model)
+    compiled = torch.compile(model, backend=BACKEND)
     x, t, y = inputs(batch=4)
     t2 = torch.tensor([5, 6, 7, 8])
     a, b = out(compiled, x, t, y), out(compiled, x, t2, y)
@@ -128,7 +131,7 @@ def test_each_block_compiled_once_for_all_blocks_after_unrouted_blocks_were_comp
     want_base, want = out(base, x, t, y), out(routed, x, t, y)
     for m in (base, routed):
         for block in m.blocks:
-            block.compile()
+            block.compile(backend=BACKEND)
     torch.testing.assert_close(out(base, x, t, y), want_base, **OUT_TOL)
     before = graphs()
     torch.testing.assert_close(out(routed, x, t, y), want, **OUT_TOL)
@@ -196,7 +199,7 @@ def test_compiled_gradient_checkpointing_matches_eager():
     x, t, y = inputs(batch=4)
     want = grads(model, model, x, t, y)
     model.gradient_checkpointing = True
-    assert_grads_close(grads(model, torch.compile(model), x, t, y), want)
+    assert_grads_close(grads(model, torch.compile(model), x, t, y), want)  # inductor: checkpointed regions
 
 
 @pytest.mark.parametrize("routed", [False, True])
@@ -213,7 +216,7 @@ def test_checkpointing_traces_into_as_many_graphs_as_unrouted_and_fullgraph_comp
     explanation = torch._dynamo.explain(lambda: model(x, t, y).sum())()
     assert (explanation.graph_count, explanation.graph_break_count) == (unrouted.graph_count, 0)
     torch._dynamo.reset()
-    compiled = torch.compile(model, fullgraph=True)
+    compiled = torch.compile(model, fullgraph=True, backend=BACKEND)
     assert_grads_close(grads(model, compiled, x, t, y), grads(model, model, x, t, y))
 
 
@@ -224,7 +227,7 @@ def test_compiled_routing_uses_the_routings_own_alpha_and_num_tasks():
     t = torch.tensor([3, 40, 20, 49])
     dtr.wrap(model, sharing_ratio=0.5, alpha=1.0, num_tasks=50)
     eager = out(model, x, t, y)
-    torch.testing.assert_close(out(torch.compile(model), x, t, y), eager, **OUT_TOL)
+    torch.testing.assert_close(out(torch.compile(model, backend=BACKEND), x, t, y), eager, **OUT_TOL)
     dtr.unwrap(model)
     dtr.wrap(model, sharing_ratio=0.5)  # alpha 4, T 1000: another function of the same timesteps
     assert not torch.allclose(out(model, x, t, y), eager, atol=1e-3)
@@ -233,7 +236,7 @@ def test_compiled_routing_uses_the_routings_own_alpha_and_num_tasks():
 def test_compiled_model_called_from_two_threads():
     _, model = model_pair()
     dtr.wrap(model, sharing_ratio=0.5)
-    compiled = torch.compile(model)
+    compiled = torch.compile(model, backend=BACKEND)
     x, _, y = inputs(batch=4)
     steps = [torch.tensor([0, 0, 0, 0]), torch.tensor([999, 999, 999, 999])]
     want = [out(model, x, s, y) for s in steps]

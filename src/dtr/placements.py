@@ -35,18 +35,16 @@ class _RouteIn(torch.autograd.Function):
     Both paths of x meet here in the backward, so their gradients combine in one pass:
     g_x = m * g_z + (1 - m) * g_y = lerp(g_y, g_z, m), exact for a 0/1 mask (lerp's two-branch formula
     returns its end points exactly).  Unfused, autograd spends three passes and an accumulation.
-    ``jvp`` and the generated vmap rule let torch.func (grad, jvp, vmap, jacrev) and forward-mode AD run it.
+    ``jvp`` serves forward-mode AD; under torch.func transforms ``_Transformable`` runs instead.
     """
 
-    generate_vmap_rule = True
-
     @staticmethod
-    def forward(x: torch.Tensor, m: torch.Tensor):
+    def forward(ctx, x: torch.Tensor, m: torch.Tensor):
+        _RouteIn.save(ctx, m)
         return x * m, x.view_as(x)
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
-        _, m = inputs
+    def save(ctx, m: torch.Tensor) -> None:
         ctx.save_for_backward(m)
         ctx.m = m  # for jvp, which cannot read saved tensors
         ctx.set_materialize_grads(False)
@@ -70,6 +68,36 @@ class _RouteIn(torch.autograd.Function):
 class _RouteOut(torch.autograd.Function):
     """y = o + (1 - m) * x in one pass; the incoming gradient goes to o and, untouched, to _RouteIn."""
 
+    @staticmethod
+    def forward(ctx, o: torch.Tensor, x: torch.Tensor, inactive: torch.Tensor):
+        ctx.inactive = inactive
+        return torch.addcmul(o, x, inactive)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return g, g, None
+
+    @staticmethod
+    def jvp(ctx, do: torch.Tensor, dx: torch.Tensor, dinactive: torch.Tensor | None):
+        return do + dx * ctx.inactive
+
+
+# torch.func (grad, vjp, jvp, vmap, jacrev) runs only Functions whose forward takes no ctx (and, for vmap, a rule),
+# and such Functions cost about 4x more per call in plain autograd: the fast classes above run unless a
+# transform is active.
+class _TransformableIn(_RouteIn):
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor, m: torch.Tensor):
+        return x * m, x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _RouteIn.save(ctx, inputs[1])
+
+
+class _TransformableOut(_RouteOut):
     generate_vmap_rule = True
 
     @staticmethod
@@ -80,13 +108,11 @@ class _RouteOut(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         ctx.inactive = inputs[2]
 
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        return g, g, None
 
-    @staticmethod
-    def jvp(ctx, do: torch.Tensor, dx: torch.Tensor, dinactive: torch.Tensor | None):
-        return do + dx * ctx.inactive
+def _fused() -> tuple[type, type]:
+    if torch._C._are_functorch_transforms_active():
+        return _TransformableIn, _TransformableOut
+    return _RouteIn, _RouteOut
 
 
 #################################################################################
@@ -173,9 +199,10 @@ class Residual(_Placement):
             output = _call_with_input(call_impl, module, [x * m], where, args, kwargs)
             return self.with_stream(output, torch.addcmul(self._same_shape(x, output), x, inactive))
         if torch.is_grad_enabled():
-            z, x_res = _RouteIn.apply(x, m)
+            route_in, route_out = _fused()
+            z, x_res = route_in.apply(x, m)
             output = _call_with_input(call_impl, module, [z], where, args, kwargs)
-            return self.with_stream(output, _RouteOut.apply(self._same_shape(x, output), x_res, inactive))
+            return self.with_stream(output, route_out.apply(self._same_shape(x, output), x_res, inactive))
         output = _call_with_input(call_impl, module, [x * m], where, args, kwargs)  # no_grad: no autograd graph
         return self.with_stream(output, torch.addcmul(self._same_shape(x, output), x, inactive))
 
@@ -221,7 +248,7 @@ class Residual(_Placement):
         h, inactive = frame[1][-1]
         out = self._same_shape(h, output)
         if torch.is_grad_enabled() and not is_compiling():  # h is the residual view _RouteIn gave back
-            return self.with_stream(output, _RouteOut.apply(out, h, inactive))
+            return self.with_stream(output, _fused()[1].apply(out, h, inactive))
         return self.with_stream(output, torch.addcmul(out, h, inactive))
 
     def find_input(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, int | str]:
@@ -311,7 +338,7 @@ class Source:
             if calls.current() is not outer:
                 calls.restore(outer)
         if torch.is_grad_enabled() and not is_compiling():
-            z, h = _RouteIn.apply(h, m)  # as Residual: both paths of h meet in one backward
+            z, h = _fused()[0].apply(h, m)  # as Residual: both paths of h meet in one backward
         else:
             z = h * m
         frame[1].append((h, inactive))
