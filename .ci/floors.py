@@ -8,8 +8,10 @@ A direct dependency without a lower bound is an error: a floor we do not declare
 
 import re
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
+
 
 def floors(pyproject: Path) -> list[str]:
     project = tomllib.loads(pyproject.read_text())["project"]

@@ -41,13 +41,15 @@ def main():
     args = parser.parse_args()
 
     snr = linear_snr(args.timesteps)
-    print(f"snr_intervals, linear schedule, T = {args.timesteps}, {args.repeats} repeats "
-          f"({platform.processor() or platform.machine()}, numpy {np.__version__}, "
-          f"torch threads {torch.get_num_threads()})\n")
+    print(
+        f"snr_intervals, linear schedule, T = {args.timesteps}, {args.repeats} repeats "
+        f"({platform.processor() or platform.machine()}, numpy {np.__version__}, "
+        f"torch threads {torch.get_num_threads()})\n"
+    )
     print("| k | median (ms) | best (ms) |")
     print("|---|---|---|")
     for k in (5, 8, 16):
-        times = time_call(lambda: snr_intervals(snr, k), args.repeats)
+        times = time_call(lambda k=k: snr_intervals(snr, k), args.repeats)
         print(f"| {k} | {1e3 * np.median(times):.1f} | {1e3 * min(times):.1f} |")
 
     k = 8

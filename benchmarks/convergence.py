@@ -27,11 +27,23 @@ sys.path.insert(0, os.path.join(ROOT, "examples", "dit"))
 
 METRICS = ("fid", "class_accuracy", "precision", "recall")
 # Pinned here, not taken from the digits preset, so that runs made in parts stay comparable.
-PINNED = ["models.name=DiT-T/2", "optim.lr=0.002", "optim.ema_decay=0.995", "general.schedule_name=linear",
-          "general.global_batch_size=64"]
-SETTING_KEYS = (("models", "name"), ("optim", "lr"), ("optim", "ema_decay"), ("general", "schedule_name"),
-                ("general", "global_batch_size"), ("general", "iterations"), ("eval", "num_fid_samples"),
-                ("eval", "num_sampling_steps"))
+PINNED = [
+    "models.name=DiT-T/2",
+    "optim.lr=0.002",
+    "optim.ema_decay=0.995",
+    "general.schedule_name=linear",
+    "general.global_batch_size=64",
+]
+SETTING_KEYS = (
+    ("models", "name"),
+    ("optim", "lr"),
+    ("optim", "ema_decay"),
+    ("general", "schedule_name"),
+    ("general", "global_batch_size"),
+    ("general", "iterations"),
+    ("eval", "num_fid_samples"),
+    ("eval", "num_sampling_steps"),
+)
 LOWER_IS_BETTER = {"fid"}
 
 
@@ -41,8 +53,11 @@ def arm_overrides(arm):
     if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "random"):
         raise SystemExit(f"--arms: {arm!r} is not <loss_weight_type>:<sharing_ratio>[:random]")
     method = "random" if len(parts) == 3 else "DTR"
-    return [f"general.loss_weight_type={parts[0]}", f"models.routing.sharing_ratio={parts[1]}",
-            f"models.routing.init_method={method}"]
+    return [
+        f"general.loss_weight_type={parts[0]}",
+        f"models.routing.sharing_ratio={parts[1]}",
+        f"models.routing.init_method={method}",
+    ]
 
 
 def run_name(arm, seed):
@@ -63,10 +78,22 @@ def run_one(arm, seed, steps, scales, num_samples, sampling_steps, extra, workdi
     every = steps[0]
     if any(s % every for s in steps):
         raise SystemExit("--steps must be multiples of the first")
-    cfg = config.load(["data=digits", *PINNED, *arm_overrides(arm), f"general.global_seed={seed}",
-                       f"general.iterations={max(steps)}", f"logs.ckpt_every={every}", f"logs.log_every={every}",
-                       f"logs.results_dir={base}/train", f"eval.samples_dir={base}/samples",
-                       f"eval.num_fid_samples={num_samples}", f"eval.num_sampling_steps={sampling_steps}", *extra])
+    cfg = config.load(
+        [
+            "data=digits",
+            *PINNED,
+            *arm_overrides(arm),
+            f"general.global_seed={seed}",
+            f"general.iterations={max(steps)}",
+            f"logs.ckpt_every={every}",
+            f"logs.log_every={every}",
+            f"logs.results_dir={base}/train",
+            f"eval.samples_dir={base}/samples",
+            f"eval.num_fid_samples={num_samples}",
+            f"eval.num_sampling_steps={sampling_steps}",
+            *extra,
+        ]
+    )
     t0 = time.time()
     result = train.main(cfg)
     train_s = time.time() - t0
@@ -139,8 +166,10 @@ def report(out):
     first = next(iter(runs.values()))
     steps = sorted({e["step"] for e in first["evals"]})
     scales = sorted({e["cfg_scale"] for e in first["evals"]})
-    lines = [f"Digits, DiT {first['config']['models']['name']}, {len(first['evals'])} evaluations per run; "
-             f"mean ± sd over seeds.\n"]
+    lines = [
+        f"Digits, DiT {first['config']['models']['name']}, {len(first['evals'])} evaluations per run; "
+        f"mean ± sd over seeds.\n"
+    ]
     lines.append("| arm | seeds | step | cfg | " + " | ".join(METRICS) + " |")
     lines.append("|---|---|---|---|" + "---|" * len(METRICS))
     for arm in arms:
@@ -152,9 +181,11 @@ def report(out):
                     m, sd = mean_sd([metric(runs[arm, s], step, scale, name) for s in seeds])
                     cells.append(f"{m:.3f} ± {sd:.3f}")
                 lines.append(f"| {arm} | {len(seeds)} | {step} | {scale} | " + " | ".join(cells) + " |")
-    lines.append("\nPaired differences (arm − baseline of the same weighting, same seeds): mean ± sd, "
-                 "and in how many seeds the arm is better; * where the paired 95 % t-interval of the mean "
-                 "difference excludes 0.\n")
+    lines.append(
+        "\nPaired differences (arm − baseline of the same weighting, same seeds): mean ± sd, "
+        "and in how many seeds the arm is better; * where the paired 95 % t-interval of the mean "
+        "difference excludes 0.\n"
+    )
     lines.append("| arm vs baseline | seeds | step | cfg | " + " | ".join(f"Δ{n}" for n in METRICS) + " |")
     lines.append("|---|---|---|---|" + "---|" * len(METRICS))
     paired = {}
@@ -169,7 +200,10 @@ def report(out):
             for scale in scales:
                 cells = []
                 for name in METRICS:
-                    d = [metric(runs[arm, s], step, scale, name) - metric(runs[base, s], step, scale, name) for s in seeds]
+                    d = [
+                        metric(runs[arm, s], step, scale, name) - metric(runs[base, s], step, scale, name)
+                        for s in seeds
+                    ]
                     better = sum((x < 0) if name in LOWER_IS_BETTER else (x > 0) for x in d)
                     m, sd = mean_sd(d)
                     sig = paired_t_excludes_zero(d)
@@ -195,8 +229,10 @@ def plot(runs, arms, paired, steps, scales, path):
     color = {w: f"C{i}" for i, w in enumerate(weightings)}
 
     def style(arm):  # colour: loss weighting; line: no routing / DTR / random routing
-        return dict(color=color[arm.split(":")[0]],
-                    linestyle="-" if arm == baseline_of(arm) else (":" if arm.endswith(":random") else "--"))
+        return dict(
+            color=color[arm.split(":")[0]],
+            linestyle="-" if arm == baseline_of(arm) else (":" if arm.endswith(":random") else "--"),
+        )
 
     fig, axes = plt.subplots(len(scales), 3, figsize=(14, 3.2 * len(scales)), squeeze=False, dpi=110)
     for row, scale in enumerate(scales):
@@ -208,8 +244,16 @@ def plot(runs, arms, paired, steps, scales, path):
                 ax.plot(steps, ys, marker="o", markersize=3, label=f"{arm} ({len(seeds)} seeds)", **style(arm))
             if arm != baseline_of(arm) and (arm, baseline_of(arm), steps[0], scale, "fid") in paired:
                 d = [paired[arm, baseline_of(arm), st, scale, "fid"] for st in steps]
-                ax_diff.errorbar(steps, [m for m, *_ in d], yerr=[0 if sd != sd else sd for _, sd, *_ in d],
-                                 capsize=3, marker="o", markersize=3, label=f"{arm} − {baseline_of(arm)}", **style(arm))
+                ax_diff.errorbar(
+                    steps,
+                    [m for m, *_ in d],
+                    yerr=[0 if sd != sd else sd for _, sd, *_ in d],
+                    capsize=3,
+                    marker="o",
+                    markersize=3,
+                    label=f"{arm} − {baseline_of(arm)}",
+                    **style(arm),
+                )
         ax_fid.set(title=f"FID, cfg {scale} (mean over seeds)")
         ax_diff.axhline(0, color="k", linewidth=0.8)
         ax_diff.set(title=f"ΔFID vs no routing, paired, cfg {scale} (± sd; < 0 better)")
@@ -231,8 +275,19 @@ def plot(runs, arms, paired, steps, scales, path):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arms", nargs="+", default=["constant:1.0", "constant:0.8", "min_snr_5:1.0", "min_snr_5:0.8",
-                                                   "uw:1.0", "uw:0.8", "constant:0.8:random"])
+    p.add_argument(
+        "--arms",
+        nargs="+",
+        default=[
+            "constant:1.0",
+            "constant:0.8",
+            "min_snr_5:1.0",
+            "min_snr_5:0.8",
+            "uw:1.0",
+            "uw:0.8",
+            "constant:0.8:random",
+        ],
+    )
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3])
     p.add_argument("--steps", nargs="+", type=int, default=[2000, 4000, 8000])
     p.add_argument("--scales", nargs="+", type=float, default=[1.0, 1.5, 2.0])
@@ -258,13 +313,29 @@ def main():
     import digits_classifier  # train the feature extractor once, before the workers need it
 
     digits_classifier.load_classifier()
-    jobs = [(arm, seed) for seed in args.seeds for arm in args.arms
-            if not os.path.exists(os.path.join(args.out, run_name(arm, seed) + ".json"))]
+    jobs = [
+        (arm, seed)
+        for seed in args.seeds
+        for arm in args.arms
+        if not os.path.exists(os.path.join(args.out, run_name(arm, seed) + ".json"))
+    ]
     print(f"{len(jobs)} runs to do ({len(args.arms) * len(args.seeds) - len(jobs)} already in {args.out})", flush=True)
     with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(run_one, arm, seed, args.steps, args.scales, args.num_samples, args.sampling_steps,
-                               args.extra, args.workdir, os.path.join(args.out, run_name(arm, seed) + ".json"))
-                   for arm, seed in jobs]
+        futures = [
+            pool.submit(
+                run_one,
+                arm,
+                seed,
+                args.steps,
+                args.scales,
+                args.num_samples,
+                args.sampling_steps,
+                args.extra,
+                args.workdir,
+                os.path.join(args.out, run_name(arm, seed) + ".json"),
+            )
+            for arm, seed in jobs
+        ]
         for f in futures:
             print("finished", f.result(), flush=True)
     report(args.out)

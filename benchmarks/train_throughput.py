@@ -37,10 +37,18 @@ import extract_latents  # noqa: E402
 import train  # noqa: E402
 
 SD_VAE = {  # stabilityai/sd-vae-ft-ema's config.json (architecture only)
-    "_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "act_fn": "silu",
-    "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "latent_channels": 4,
-    "norm_num_groups": 32, "sample_size": 256, "scaling_factor": 0.18215,
+    "_class_name": "AutoencoderKL",
+    "in_channels": 3,
+    "out_channels": 3,
+    "act_fn": "silu",
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 256,
+    "scaling_factor": 0.18215,
 }
 
 
@@ -80,31 +88,48 @@ def main():
         with open("sd-vae.json", "w") as f:
             json.dump(SD_VAE, f)
         make_image_folder("images", n=args.batch_size * (warmup + args.steps), size=args.image_size)
-        common = [f"models.name={args.model}", "data.num_classes=4", "general.device=cpu", "general.num_workers=0",
-                  "general.vae_config=sd-vae.json", f"general.image_size={args.image_size}",
-                  f"general.global_batch_size={args.batch_size}", f"general.iterations={warmup + args.steps}",
-                  "logs.log_every=1000", "logs.ckpt_every=100000", "logs.results_dir=results"]
+        common = [
+            f"models.name={args.model}",
+            "data.num_classes=4",
+            "general.device=cpu",
+            "general.num_workers=0",
+            "general.vae_config=sd-vae.json",
+            f"general.image_size={args.image_size}",
+            f"general.global_batch_size={args.batch_size}",
+            f"general.iterations={warmup + args.steps}",
+            "logs.log_every=1000",
+            "logs.ckpt_every=100000",
+            "logs.results_dir=results",
+        ]
         t = time.time()
         latents = extract_latents.main(config.load(["general.data_path=images", *common]))
         extract_s = time.time() - t
         results = {
             "latents, DTR 0.8": run([f"general.data_path={latents}", *common], warmup),
-            "latents, baseline (no routing)": run([f"general.data_path={latents}", *common, "models.routing.sharing_ratio=1.0"], warmup),
+            "latents, baseline (no routing)": run(
+                [f"general.data_path={latents}", *common, "models.routing.sharing_ratio=1.0"], warmup
+            ),
             "images + VAE, DTR 0.8": run(["general.data_path=images", *common], warmup),
         }
 
-    print(f"\n### train.py throughput, {args.model}, {args.image_size}x{args.image_size}, batch {args.batch_size}, CPU\n")
-    print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
-          f"{args.steps} timed steps after {warmup} warm-up step(s)\n")
+    print(
+        f"\n### train.py throughput, {args.model}, {args.image_size}x{args.image_size}, batch {args.batch_size}, CPU\n"
+    )
+    print(
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+        f"{args.steps} timed steps after {warmup} warm-up step(s)\n"
+    )
     print("| variant | steps/s | s/step |")
     print("|---|---|---|")
     for name, sps in results.items():
         print(f"| {name} | {sps:.3f} | {1 / sps:.2f} |")
     dtr_cost = results["latents, baseline (no routing)"] / results["latents, DTR 0.8"] - 1
     speedup = results["latents, DTR 0.8"] / results["images + VAE, DTR 0.8"]
-    print(f"\nDTR overhead: {100 * dtr_cost:+.1f}% time per step; precomputed latents: {speedup:.1f}x the steps/s of "
-          f"encoding images every step (extract_latents.py took {extract_s:.0f} s for "
-          f"{args.batch_size * (warmup + args.steps)} images, both flips).")
+    print(
+        f"\nDTR overhead: {100 * dtr_cost:+.1f}% time per step; precomputed latents: {speedup:.1f}x the steps/s of "
+        f"encoding images every step (extract_latents.py took {extract_s:.0f} s for "
+        f"{args.batch_size * (warmup + args.steps)} images, both flips)."
+    )
 
 
 if __name__ == "__main__":

@@ -45,13 +45,34 @@ def components(width: int, seed: int):
     """A tiny Flux transformer (1 dual-stream block, 2 single-stream blocks), a 2-level VAE, the training scheduler."""
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=width // 2,
-        num_attention_heads=2, joint_attention_dim=TEXT_DIM, pooled_projection_dim=POOLED_DIM, guidance_embeds=True,
-        axes_dims_rope=(2, 2, width // 2 - 4))
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[8, 8], layers_per_block=1, latent_channels=4,
-        norm_num_groups=4, sample_size=SIZE, shift_factor=0.0, scaling_factor=1.0).eval().requires_grad_(False)
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=2,
+        attention_head_dim=width // 2,
+        num_attention_heads=2,
+        joint_attention_dim=TEXT_DIM,
+        pooled_projection_dim=POOLED_DIM,
+        guidance_embeds=True,
+        axes_dims_rope=(2, 2, width // 2 - 4),
+    )
+    vae = (
+        AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=["DownEncoderBlock2D"] * 2,
+            up_block_types=["UpDecoderBlock2D"] * 2,
+            block_out_channels=[8, 8],
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=4,
+            sample_size=SIZE,
+            shift_factor=0.0,
+            scaling_factor=1.0,
+        )
+        .eval()
+        .requires_grad_(False)
+    )
     # FLUX.1-dev's scheduler: shifted sigmas, resolution-dependent at sampling time
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
     return transformer, vae, scheduler
@@ -79,15 +100,21 @@ def train_step(transformer, vae, scheduler, images, labels, text, pooled, args, 
     latents = (vae.encode(images).latent_dist.sample(generator) - vae.config.shift_factor) * vae.config.scaling_factor
     b, c, h, w = latents.shape
     noise = torch.randn(latents.shape, generator=generator)
-    u = compute_density_for_timestep_sampling(args.weighting_scheme, b, logit_mean=0.0, logit_std=1.0,
-                                              mode_scale=1.29, generator=generator)
+    u = compute_density_for_timestep_sampling(
+        args.weighting_scheme, b, logit_mean=0.0, logit_std=1.0, mode_scale=1.29, generator=generator
+    )
     index = (u * scheduler.config.num_train_timesteps).long()
     sigmas = scheduler.sigmas[index].view(b, 1, 1, 1)  # the training scheduler's shifted sigmas
     noisy = (1 - sigmas) * latents + sigmas * noise
     pred = transformer(
-        hidden_states=packed(noisy), timestep=sigmas.flatten(), guidance=torch.full((b,), args.guidance),
-        pooled_projections=pooled[labels], encoder_hidden_states=text[labels], txt_ids=torch.zeros(TEXT_LEN, 3),
-        img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", torch.float32), return_dict=False,
+        hidden_states=packed(noisy),
+        timestep=sigmas.flatten(),
+        guidance=torch.full((b,), args.guidance),
+        pooled_projections=pooled[labels],
+        encoder_hidden_states=text[labels],
+        txt_ids=torch.zeros(TEXT_LEN, 3),
+        img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, "cpu", torch.float32),
+        return_dict=False,
     )[0]
     weighting = compute_loss_weighting_for_sd3(args.weighting_scheme, sigmas)
     return (weighting * (unpacked(pred, c, h, w) - (noise - latents)) ** 2).mean()
@@ -130,14 +157,28 @@ def main(argv=None) -> None:
 
     # Sampling: FluxPipeline with the routed transformer, prompts given as embeddings (no text encoders).
     transformer.eval()
-    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
-                        tokenizer_2=None, transformer=transformer)
+    pipe = FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        transformer=transformer,
+    )
     pipe.set_progress_bar_config(disable=True)
     digits_to_draw = torch.arange(10)
     with torch.no_grad():
-        out = pipe(prompt_embeds=text[digits_to_draw], pooled_prompt_embeds=pooled[digits_to_draw], height=SIZE,
-                   width=SIZE, num_inference_steps=args.sample_steps, guidance_scale=args.guidance,
-                   generator=torch.Generator().manual_seed(args.seed), output_type="pt")
+        out = pipe(
+            prompt_embeds=text[digits_to_draw],
+            pooled_prompt_embeds=pooled[digits_to_draw],
+            height=SIZE,
+            width=SIZE,
+            num_inference_steps=args.sample_steps,
+            guidance_scale=args.guidance,
+            generator=torch.Generator().manual_seed(args.seed),
+            output_type="pt",
+        )
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "samples.png")
     save_image(out.images, path, nrow=10)

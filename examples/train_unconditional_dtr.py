@@ -47,7 +47,9 @@ logger = get_logger(__name__, log_level="INFO")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--output_dir", default="ddpm-digits-dtr", help="checkpoints, the saved pipeline and samples.png")
     p.add_argument("--resolution", type=int, default=8, help="the digits (8x8) are upscaled to this size")
     p.add_argument("--max_train_samples", type=int, default=None, help="use only the first N digits")
@@ -65,7 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--adam_beta2", type=float, default=0.999)
     p.add_argument("--adam_weight_decay", type=float, default=1e-6)
     p.add_argument("--adam_epsilon", type=float, default=1e-08)
-    p.add_argument("--use_ema", action="store_true", help="keep an EMAModel of the weights and save the pipeline with it")
+    p.add_argument(
+        "--use_ema", action="store_true", help="keep an EMAModel of the weights and save the pipeline with it"
+    )
     p.add_argument("--ema_inv_gamma", type=float, default=1.0)
     p.add_argument("--ema_power", type=float, default=3 / 4)
     p.add_argument("--ema_max_decay", type=float, default=0.9999)
@@ -75,7 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prediction_type", default="epsilon", choices=["epsilon", "sample"])
     p.add_argument("--sharing_ratio", type=float, default=0.8, help="DTR's beta: 1.0 trains the unrouted baseline")
     p.add_argument("--alpha", type=float, default=4.0, help="DTR's alpha: how the channel window moves with t")
-    p.add_argument("--checkpointing_steps", type=int, default=500, help="accelerator.save_state every N optimizer steps")
+    p.add_argument(
+        "--checkpointing_steps", type=int, default=500, help="accelerator.save_state every N optimizer steps"
+    )
     p.add_argument("--checkpoints_total_limit", type=int, default=None, help="keep at most N checkpoints")
     p.add_argument("--resume_from_checkpoint", default=None, help='a checkpoint folder, or "latest" in --output_dir')
     p.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
@@ -84,8 +90,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.block_out_channels = tuple(int(c) for c in args.block_out_channels.split(","))
     levels = len(args.block_out_channels)
     if args.resolution % 2 ** (levels - 1):
-        p.error(f"--resolution {args.resolution} must be divisible by {2 ** (levels - 1)} "
-                f"({levels} levels of --block_out_channels halve it {levels - 1} times)")
+        p.error(
+            f"--resolution {args.resolution} must be divisible by {2 ** (levels - 1)} "
+            f"({levels} levels of --block_out_channels halve it {levels - 1} times)"
+        )
     return args
 
 
@@ -101,8 +109,12 @@ def build_unet(args: argparse.Namespace) -> UNet2DModel:
     """A small UNet2DModel: ResNet blocks at every level, attention at the lowest resolution."""
     levels = len(args.block_out_channels)
     return UNet2DModel(
-        sample_size=args.resolution, in_channels=1, out_channels=1, layers_per_block=args.layers_per_block,
-        block_out_channels=args.block_out_channels, norm_num_groups=8,
+        sample_size=args.resolution,
+        in_channels=1,
+        out_channels=1,
+        layers_per_block=args.layers_per_block,
+        block_out_channels=args.block_out_channels,
+        norm_num_groups=8,
         down_block_types=("DownBlock2D",) * (levels - 1) + ("AttnDownBlock2D",),
         up_block_types=("AttnUpBlock2D",) + ("UpBlock2D",) * (levels - 1),
     )
@@ -129,9 +141,15 @@ def main(argv: list[str] | None = None) -> dict:
     logger.info(routing.summary())
     ema_model = None
     if args.use_ema:  # made after dtr.wrap: model.config carries the routing, so the EMA saves carry it too
-        ema_model = EMAModel(model.parameters(), decay=args.ema_max_decay, use_ema_warmup=True,
-                             inv_gamma=args.ema_inv_gamma, power=args.ema_power, model_cls=UNet2DModel,
-                             model_config=model.config)
+        ema_model = EMAModel(
+            model.parameters(),
+            decay=args.ema_max_decay,
+            use_ema_warmup=True,
+            inv_gamma=args.ema_inv_gamma,
+            power=args.ema_power,
+            model_cls=UNet2DModel,
+            model_config=model.config,
+        )
 
     def save_model_hook(models, weights, output_dir):
         """The checkpoint's weights as diffusers folders (unet, unet_ema), each with its routing."""
@@ -151,26 +169,43 @@ def main(argv: list[str] | None = None) -> dict:
             target = accelerator.unwrap_model(models.pop())
             loaded = dtr.from_pretrained(UNet2DModel, input_dir, subfolder="unet")
             if dtr.routing_of(loaded).config != dtr.routing_of(target).config:
-                raise ValueError(f"{input_dir} was trained with another routing ({dtr.routing_of(loaded)!r}) than "
-                                 f"this run's ({dtr.routing_of(target)!r}): pass the same --sharing_ratio/--alpha")
+                raise ValueError(
+                    f"{input_dir} was trained with another routing ({dtr.routing_of(loaded)!r}) than "
+                    f"this run's ({dtr.routing_of(target)!r}): pass the same --sharing_ratio/--alpha"
+                )
             target.load_state_dict(loaded.state_dict())
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
 
-    noise_scheduler = DDPMScheduler(num_train_timesteps=args.ddpm_num_steps, beta_schedule=args.ddpm_beta_schedule,
-                                    prediction_type=args.prediction_type)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    noise_scheduler = DDPMScheduler(
+        num_train_timesteps=args.ddpm_num_steps,
+        beta_schedule=args.ddpm_beta_schedule,
+        prediction_type=args.prediction_type,
+    )
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
     dataset = digits(args.resolution, args.max_train_samples)
-    train_dataloader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True, drop_last=True)
+    train_dataloader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.train_batch_size, shuffle=True, drop_last=True
+    )
     steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_epochs * steps_per_epoch
     num_epochs = math.ceil(max_train_steps / steps_per_epoch)
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
-                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=max_train_steps * accelerator.num_processes)
-    model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(model, optimizer, train_dataloader, lr_scheduler)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_train_steps * accelerator.num_processes,
+    )
+    model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        model, optimizer, train_dataloader, lr_scheduler
+    )
     if ema_model is not None:
         ema_model.to(accelerator.device)
 
@@ -178,8 +213,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.resume_from_checkpoint:
         path = args.resume_from_checkpoint
         if path == "latest":
-            found = sorted((d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-")) if
-                           os.path.isdir(args.output_dir) else [], key=lambda d: int(d.split("-")[1]))
+            found = sorted(
+                (d for d in os.listdir(args.output_dir) if d.startswith("checkpoint-"))
+                if os.path.isdir(args.output_dir)
+                else [],
+                key=lambda d: int(d.split("-")[1]),
+            )
             path = os.path.join(args.output_dir, found[-1]) if found else None
         if path is None:
             logger.info("no checkpoint in --output_dir: starting a new run")
@@ -247,8 +286,12 @@ def main(argv: list[str] | None = None) -> dict:
     pipeline = dtr.from_pretrained(DDPMPipeline, args.output_dir)
     pipeline.set_progress_bar_config(disable=True)
     if accelerator.is_main_process:
-        images = pipeline(batch_size=args.eval_batch_size, num_inference_steps=args.ddpm_num_inference_steps,
-                          generator=torch.Generator().manual_seed(args.seed), output_type="np").images
+        images = pipeline(
+            batch_size=args.eval_batch_size,
+            num_inference_steps=args.ddpm_num_inference_steps,
+            generator=torch.Generator().manual_seed(args.seed),
+            output_type="np",
+        ).images
         grid(images).save(os.path.join(args.output_dir, "samples.png"))
         logger.info(f"pipeline saved in {args.output_dir}, routed:\n{dtr.routing_of(pipeline.unet).summary()}")
     return {"unet": unet, "ema": ema_model, "routing": routing, "pipeline": pipeline, "global_step": global_step}
@@ -258,7 +301,9 @@ def prune_checkpoints(output_dir: str, limit: int | None) -> None:
     """Remove the oldest ``checkpoint-*`` folders beyond ``limit``."""
     if limit is None:
         return
-    found = sorted((d for d in os.listdir(output_dir) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[1]))
+    found = sorted(
+        (d for d in os.listdir(output_dir) if d.startswith("checkpoint-")), key=lambda d: int(d.split("-")[1])
+    )
     for old in found[: max(0, len(found) - limit)]:
         shutil.rmtree(os.path.join(output_dir, old))
 
@@ -271,7 +316,7 @@ def grid(images: np.ndarray) -> Image.Image:
     canvas = np.zeros((rows * h, cols * w), dtype=np.uint8)
     for i, image in enumerate(images):
         r, c = divmod(i, cols)
-        canvas[r * h:(r + 1) * h, c * w:(c + 1) * w] = (image[..., 0] * 255).round().astype(np.uint8)
+        canvas[r * h : (r + 1) * h, c * w : (c + 1) * w] = (image[..., 0] * 255).round().astype(np.uint8)
     return Image.fromarray(canvas)  # uint8 (H, W): grey
 
 

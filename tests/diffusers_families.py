@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import math
 import re
-from dataclasses import dataclass, field
-from typing import Any, Callable
-
-import torch
-from torch import nn
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import diffusers
+import torch
+from torch import nn
 
 NUM_TASKS = 1000
 TEXT_LEN = 6  # prompt tokens passed as precomputed embeddings
@@ -37,8 +36,13 @@ CONVENTIONS = {
     "one_minus_sigma1000": "(1 - sigma) * 1000, float in [0, 1000] (1000 = data, 0 = pure noise)",
 }
 # The dtr timestep_kind that reads each convention as its noise level (docs/adapters.md, "Timesteps").
-DTR_KIND = {"index": "index", "sigma1000": "index", "sigma": "unit", "one_minus_sigma": "unit_reversed",
-            "one_minus_sigma1000": "index_reversed"}
+DTR_KIND = {
+    "index": "index",
+    "sigma1000": "index",
+    "sigma": "unit",
+    "one_minus_sigma": "unit_reversed",
+    "one_minus_sigma1000": "index_reversed",
+}
 
 
 def task_index(t: torch.Tensor, convention: str, num_tasks: int = NUM_TASKS) -> torch.Tensor:
@@ -177,9 +181,16 @@ def tiny_vae(latent_channels: int = 4, levels: int = 2, **config) -> nn.Module:
     """An AutoencoderKL of `levels` resolutions (spatial factor 2 ** (levels - 1)), width 8, from config."""
     torch.manual_seed(0)
     return diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * levels,
-        up_block_types=["UpDecoderBlock2D"] * levels, block_out_channels=[8] * levels, layers_per_block=1,
-        latent_channels=latent_channels, norm_num_groups=4, sample_size=16, **config,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * levels,
+        up_block_types=["UpDecoderBlock2D"] * levels,
+        block_out_channels=[8] * levels,
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        sample_size=16,
+        **config,
     ).eval()
 
 
@@ -217,7 +228,7 @@ def record_timesteps(transformer: nn.Module, position: int, name: str):
 
 
 def run_pipeline(family: Family, spec: PipelineSpec, steps: int = 2):
-    """Build `spec`'s pipeline around `family.make()`, run it for `steps` steps; return (pipe, output, timesteps seen)."""
+    """Build `spec`'s pipeline around `family.make()`, run it `steps` steps: (pipe, output, timesteps seen)."""
     pipe = spec.build(family.make())
     with record_timesteps(pipe.transformer, *family.timestep) as seen, torch.no_grad():
         out = pipe(num_inference_steps=steps, generator=torch.Generator().manual_seed(0), **spec.run_kwargs())
@@ -232,8 +243,16 @@ def text(dim: int, batch: int = 1, length: int = TEXT_LEN, seed: int = 1) -> tor
 # --------------------------------------------------------------------------------------------------------------
 # Families. Width 16 (2 heads of 8), 1-2 blocks of each kind, latents 8x8 (video: 2-3 latent frames of 4x4).
 
-BASIC_PARAMS = ("hidden_states", "attention_mask", "encoder_hidden_states", "encoder_attention_mask", "timestep",
-                "cross_attention_kwargs", "class_labels", "added_cond_kwargs")
+BASIC_PARAMS = (
+    "hidden_states",
+    "attention_mask",
+    "encoder_hidden_states",
+    "encoder_attention_mask",
+    "timestep",
+    "cross_attention_kwargs",
+    "class_labels",
+    "added_cond_kwargs",
+)
 JOINT_PARAMS = ("hidden_states", "encoder_hidden_states", "temb", "joint_attention_kwargs")
 FLUX_PARAMS = ("hidden_states", "encoder_hidden_states", "temb", "image_rotary_emb", "joint_attention_kwargs")
 
@@ -245,161 +264,354 @@ def _dit_inputs(batch, t):
 DIT = Family(
     name="DiT",
     model_cls="DiTTransformer2DModel",
-    config=dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
-                sample_size=8, patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero"),
-    blocks=(BlockSpec(r"transformer_blocks\.\d+", "BasicTransformerBlock", BASIC_PARAMS, "hidden_states",
-                      "positional", None, True,
-                      note="adaLN-Zero from the raw timestep and class label, which the block receives"),),
+    config=dict(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=1000,
+        norm_type="ada_norm_zero",
+    ),
+    blocks=(
+        BlockSpec(
+            r"transformer_blocks\.\d+",
+            "BasicTransformerBlock",
+            BASIC_PARAMS,
+            "hidden_states",
+            "positional",
+            None,
+            True,
+            note="adaLN-Zero from the raw timestep and class label, which the block receives",
+        ),
+    ),
     timestep=(1, "timestep"),
     make_inputs=_dit_inputs,
     timestep_dtype=torch.int64,
-    pipelines=(PipelineSpec(
-        "DiTPipeline", "index",
-        "pipelines/dit/pipeline_dit.py:202: self.transformer(latent_model_input, timestep=timesteps, ...).sample "
-        "(timesteps = scheduler.timesteps[i] int64 expanded to the batch, :199)",
-        lambda tr: build("DiTPipeline", transformer=tr, vae=tiny_vae(), scheduler=scheduler("DDIMScheduler")),
-        lambda: dict(class_labels=[1], guidance_scale=1.0, output_type="np"),
-        note="checkpoint scheduler: DDIM (facebook/DiT-XL-2-*); any DDPM-family scheduler passes indices"),),
+    pipelines=(
+        PipelineSpec(
+            "DiTPipeline",
+            "index",
+            "pipelines/dit/pipeline_dit.py:202: self.transformer(latent_model_input, timestep=timesteps, ...).sample "
+            "(timesteps = scheduler.timesteps[i] int64 expanded to the batch, :199)",
+            lambda tr: build("DiTPipeline", transformer=tr, vae=tiny_vae(), scheduler=scheduler("DDIMScheduler")),
+            lambda: dict(class_labels=[1], guidance_scale=1.0, output_type="np"),
+            note="checkpoint scheduler: DDIM (facebook/DiT-XL-2-*); any DDPM-family scheduler passes indices",
+        ),
+    ),
 )
 
 
 def _pixart_inputs(batch, t):
     return (_randn(batch, 4, 8, 8),), dict(
-        encoder_hidden_states=text(32, batch), encoder_attention_mask=torch.ones(batch, TEXT_LEN), timestep=t,
-        added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)
+        encoder_hidden_states=text(32, batch),
+        encoder_attention_mask=torch.ones(batch, TEXT_LEN),
+        timestep=t,
+        added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+        return_dict=False,
+    )
 
 
-_PIXART_RUN = lambda: dict(prompt_embeds=text(32), prompt_attention_mask=torch.ones(1, TEXT_LEN), guidance_scale=1.0,
-                           height=16, width=16, use_resolution_binning=False, output_type="np")
+_PIXART_RUN = lambda: dict(
+    prompt_embeds=text(32),
+    prompt_attention_mask=torch.ones(1, TEXT_LEN),
+    guidance_scale=1.0,
+    height=16,
+    width=16,
+    use_resolution_binning=False,
+    output_type="np",
+)
 PIXART = Family(
     name="PixArt-alpha/sigma",
     model_cls="PixArtTransformer2DModel",
-    config=dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
-                cross_attention_dim=16, sample_size=8, patch_size=2, caption_channels=32),
-    blocks=(BlockSpec(r"transformer_blocks\.\d+", "BasicTransformerBlock", BASIC_PARAMS, "hidden_states",
-                      "positional", None, True,
-                      note="ada_norm_single: `timestep` is the model's (B, 6*C) adaLN embedding, not the raw timestep"),),
+    config=dict(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        cross_attention_dim=16,
+        sample_size=8,
+        patch_size=2,
+        caption_channels=32,
+    ),
+    blocks=(
+        BlockSpec(
+            r"transformer_blocks\.\d+",
+            "BasicTransformerBlock",
+            BASIC_PARAMS,
+            "hidden_states",
+            "positional",
+            None,
+            True,
+            note="ada_norm_single: `timestep` is the model's (B, 6*C) adaLN embedding, not the raw timestep",
+        ),
+    ),
     timestep=(2, "timestep"),
     make_inputs=_pixart_inputs,
     timestep_dtype=torch.int64,
     pipelines=(
         PipelineSpec(
-            "PixArtAlphaPipeline", "index",
+            "PixArtAlphaPipeline",
+            "index",
             "pipelines/pixart_alpha/pipeline_pixart_alpha.py:936: timestep=current_timestep "
             "(scheduler.timesteps[i] int64 expanded, :918-929)",
-            lambda tr: build("PixArtAlphaPipeline", transformer=tr, vae=tiny_vae(),
-                             scheduler=scheduler("DPMSolverMultistepScheduler")),
-            _PIXART_RUN),
+            lambda tr: build(
+                "PixArtAlphaPipeline",
+                transformer=tr,
+                vae=tiny_vae(),
+                scheduler=scheduler("DPMSolverMultistepScheduler"),
+            ),
+            _PIXART_RUN,
+        ),
         PipelineSpec(
-            "PixArtSigmaPipeline", "index",
+            "PixArtSigmaPipeline",
+            "index",
             "pipelines/pixart_alpha/pipeline_pixart_sigma.py:865: timestep=current_timestep (int64, :847-858)",
-            lambda tr: build("PixArtSigmaPipeline", transformer=tr, vae=tiny_vae(),
-                             scheduler=scheduler("DPMSolverMultistepScheduler")),
-            _PIXART_RUN),
+            lambda tr: build(
+                "PixArtSigmaPipeline",
+                transformer=tr,
+                vae=tiny_vae(),
+                scheduler=scheduler("DPMSolverMultistepScheduler"),
+            ),
+            _PIXART_RUN,
+        ),
     ),
 )
 
 
 def _sd3_inputs(batch, t):
-    return (), dict(hidden_states=_randn(batch, 4, 8, 8), timestep=t, encoder_hidden_states=text(32, batch),
-                    pooled_projections=_randn(batch, 16, seed=2), joint_attention_kwargs=None, return_dict=False)
+    return (), dict(
+        hidden_states=_randn(batch, 4, 8, 8),
+        timestep=t,
+        encoder_hidden_states=text(32, batch),
+        pooled_projections=_randn(batch, 16, seed=2),
+        joint_attention_kwargs=None,
+        return_dict=False,
+    )
 
 
 SD3 = Family(
     name="SD3/SD3.5",
     model_cls="SD3Transformer2DModel",
-    config=dict(sample_size=8, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
-                joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=16, out_channels=4,
-                pos_embed_max_size=8, dual_attention_layers=(0,), qk_norm="rms_norm"),
-    blocks=(BlockSpec(r"transformer_blocks\.\d+", "JointTransformerBlock", JOINT_PARAMS, "hidden_states",
-                      "keyword", 1, True,
-                      note="returns (encoder_hidden_states, hidden_states); the last block has context_pre_only=True "
-                           "and returns (None, hidden_states); SD3.5 `dual_attention_layers` add a 2nd image-only "
-                           "attention (attn2) inside the same residual"),),
+    config=dict(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        caption_projection_dim=16,
+        pooled_projection_dim=16,
+        out_channels=4,
+        pos_embed_max_size=8,
+        dual_attention_layers=(0,),
+        qk_norm="rms_norm",
+    ),
+    blocks=(
+        BlockSpec(
+            r"transformer_blocks\.\d+",
+            "JointTransformerBlock",
+            JOINT_PARAMS,
+            "hidden_states",
+            "keyword",
+            1,
+            True,
+            note="returns (encoder_hidden_states, hidden_states); the last block has context_pre_only=True "
+            "and returns (None, hidden_states); SD3.5 `dual_attention_layers` add a 2nd image-only "
+            "attention (attn2) inside the same residual",
+        ),
+    ),
     timestep=(3, "timestep"),
     make_inputs=_sd3_inputs,
-    pipelines=(PipelineSpec(
-        "StableDiffusion3Pipeline", "sigma1000",
-        "pipelines/stable_diffusion_3/pipeline_stable_diffusion_3.py:1076: timestep=timestep "
-        "(t.expand(B) of FlowMatchEulerDiscreteScheduler.timesteps = sigmas * 1000, :1069)",
-        lambda tr: build("StableDiffusion3Pipeline", transformer=tr, vae=tiny_vae(shift_factor=0.0),
-                         scheduler=scheduler("FlowMatchEulerDiscreteScheduler", shift=3.0)),
-        lambda: dict(prompt_embeds=text(32), pooled_prompt_embeds=_randn(1, 16, seed=2), guidance_scale=1.0,
-                     height=16, width=16, output_type="np")),),
+    pipelines=(
+        PipelineSpec(
+            "StableDiffusion3Pipeline",
+            "sigma1000",
+            "pipelines/stable_diffusion_3/pipeline_stable_diffusion_3.py:1076: timestep=timestep "
+            "(t.expand(B) of FlowMatchEulerDiscreteScheduler.timesteps = sigmas * 1000, :1069)",
+            lambda tr: build(
+                "StableDiffusion3Pipeline",
+                transformer=tr,
+                vae=tiny_vae(shift_factor=0.0),
+                scheduler=scheduler("FlowMatchEulerDiscreteScheduler", shift=3.0),
+            ),
+            lambda: dict(
+                prompt_embeds=text(32),
+                pooled_prompt_embeds=_randn(1, 16, seed=2),
+                guidance_scale=1.0,
+                height=16,
+                width=16,
+                output_type="np",
+            ),
+        ),
+    ),
 )
 
 
 def _flux_inputs(batch, t, guidance=False):
     img_ids = diffusers.FluxPipeline._prepare_latent_image_ids(batch, 4, 4, "cpu", torch.float32)
-    return (), dict(hidden_states=_randn(batch, 16, 16), timestep=t, guidance=torch.full((batch,), 3.5) if guidance
-                    else None, pooled_projections=_randn(batch, 16, seed=2), encoder_hidden_states=text(32, batch),
-                    txt_ids=torch.zeros(TEXT_LEN, 3), img_ids=img_ids, joint_attention_kwargs=None, return_dict=False)
+    return (), dict(
+        hidden_states=_randn(batch, 16, 16),
+        timestep=t,
+        guidance=torch.full((batch,), 3.5) if guidance else None,
+        pooled_projections=_randn(batch, 16, seed=2),
+        encoder_hidden_states=text(32, batch),
+        txt_ids=torch.zeros(TEXT_LEN, 3),
+        img_ids=img_ids,
+        joint_attention_kwargs=None,
+        return_dict=False,
+    )
 
 
 FLUX = Family(
     name="Flux",
     model_cls="FluxTransformer2DModel",
-    config=dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=8,
-                num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True,
-                axes_dims_rope=(2, 2, 4)),
+    config=dict(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=16,
+        guidance_embeds=True,
+        axes_dims_rope=(2, 2, 4),
+    ),
     blocks=(
-        BlockSpec(r"transformer_blocks\.\d+", "FluxTransformerBlock", FLUX_PARAMS, "hidden_states", "keyword", 1, True,
-                  note="returns (encoder_hidden_states, hidden_states)"),
-        BlockSpec(r"single_transformer_blocks\.\d+", "FluxSingleTransformerBlock", FLUX_PARAMS, "hidden_states",
-                  "keyword", 1, True,
-                  note="takes image and text separately, runs one residual on cat([text, image], 1) and splits it "
-                       "back: returns (text, image), image tokens only in and out"),
+        BlockSpec(
+            r"transformer_blocks\.\d+",
+            "FluxTransformerBlock",
+            FLUX_PARAMS,
+            "hidden_states",
+            "keyword",
+            1,
+            True,
+            note="returns (encoder_hidden_states, hidden_states)",
+        ),
+        BlockSpec(
+            r"single_transformer_blocks\.\d+",
+            "FluxSingleTransformerBlock",
+            FLUX_PARAMS,
+            "hidden_states",
+            "keyword",
+            1,
+            True,
+            note="takes image and text separately, runs one residual on cat([text, image], 1) and splits it "
+            "back: returns (text, image), image tokens only in and out",
+        ),
     ),
     timestep=(3, "timestep"),
     make_inputs=lambda b, t: _flux_inputs(b, t, guidance=True),
-    pipelines=(PipelineSpec(
-        "FluxPipeline", "sigma",
-        "pipelines/flux/pipeline_flux.py:903: timestep=timestep / 1000 (timestep = scheduler.timesteps[i] = "
-        "sigma * 1000, :898); the model multiplies it by 1000 again inside (transformer_flux.py, forward)",
-        lambda tr: build("FluxPipeline", transformer=tr, vae=tiny_vae(shift_factor=0.0),
-                         scheduler=scheduler("FlowMatchEulerDiscreteScheduler", shift=3.0, use_dynamic_shifting=True,
-                                             base_shift=0.5, max_shift=1.15)),
-        lambda: dict(prompt_embeds=text(32), pooled_prompt_embeds=_randn(1, 16, seed=2), guidance_scale=3.5,
-                     height=16, width=16, output_type="np"),
-        note="FLUX.1-dev scheduler (dynamic shifting); guidance_scale feeds the distilled guidance embedding, "
-             "one transformer call per step"),),
+    pipelines=(
+        PipelineSpec(
+            "FluxPipeline",
+            "sigma",
+            "pipelines/flux/pipeline_flux.py:903: timestep=timestep / 1000 (timestep = scheduler.timesteps[i] = "
+            "sigma * 1000, :898); the model multiplies it by 1000 again inside (transformer_flux.py, forward)",
+            lambda tr: build(
+                "FluxPipeline",
+                transformer=tr,
+                vae=tiny_vae(shift_factor=0.0),
+                scheduler=scheduler(
+                    "FlowMatchEulerDiscreteScheduler",
+                    shift=3.0,
+                    use_dynamic_shifting=True,
+                    base_shift=0.5,
+                    max_shift=1.15,
+                ),
+            ),
+            lambda: dict(
+                prompt_embeds=text(32),
+                pooled_prompt_embeds=_randn(1, 16, seed=2),
+                guidance_scale=3.5,
+                height=16,
+                width=16,
+                output_type="np",
+            ),
+            note="FLUX.1-dev scheduler (dynamic shifting); guidance_scale feeds the distilled guidance embedding, "
+            "one transformer call per step",
+        ),
+    ),
     notes="in_channels 16 = 4 latent channels packed 2x2; tokens (B, H/2*W/2, 16); img_ids/txt_ids 2-d",
 )
 
 
 def _aura_inputs(batch, t):
-    return (_randn(batch, 4, 8, 8),), dict(encoder_hidden_states=text(32, batch), timestep=t, return_dict=False,
-                                           attention_kwargs=None)
+    return (_randn(batch, 4, 8, 8),), dict(
+        encoder_hidden_states=text(32, batch), timestep=t, return_dict=False, attention_kwargs=None
+    )
 
 
 AURAFLOW = Family(
     name="AuraFlow",
     model_cls="AuraFlowTransformer2DModel",
-    config=dict(sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=1, num_single_dit_layers=1,
-                attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
-                out_channels=4, pos_embed_max_size=64),
+    config=dict(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        num_mmdit_layers=1,
+        num_single_dit_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        caption_projection_dim=16,
+        out_channels=4,
+        pos_embed_max_size=64,
+    ),
     blocks=(
-        BlockSpec(r"joint_transformer_blocks\.\d+", "AuraFlowJointTransformerBlock",
-                  ("hidden_states", "encoder_hidden_states", "temb", "attention_kwargs"), "hidden_states", "keyword",
-                  1, True,
-                  note="returns (encoder_hidden_states, hidden_states); out = x + gate_mlp * ff(norm2(x + gate_msa "
-                       "* attn)): the attention result reaches the output only through the MLP"),
-        BlockSpec(r"single_transformer_blocks\.\d+", "AuraFlowSingleTransformerBlock",
-                  ("hidden_states", "temb", "attention_kwargs"), "hidden_states", "keyword", None, True,
-                  stream_tokens="registers+text+image",
-                  note="runs on cat([8 register tokens + text, image], 1), returns that joined tensor; the model "
-                       "keeps the last N (image) tokens after the last one"),
+        BlockSpec(
+            r"joint_transformer_blocks\.\d+",
+            "AuraFlowJointTransformerBlock",
+            ("hidden_states", "encoder_hidden_states", "temb", "attention_kwargs"),
+            "hidden_states",
+            "keyword",
+            1,
+            True,
+            note="returns (encoder_hidden_states, hidden_states); out = x + gate_mlp * ff(norm2(x + gate_msa "
+            "* attn)): the attention result reaches the output only through the MLP",
+        ),
+        BlockSpec(
+            r"single_transformer_blocks\.\d+",
+            "AuraFlowSingleTransformerBlock",
+            ("hidden_states", "temb", "attention_kwargs"),
+            "hidden_states",
+            "keyword",
+            None,
+            True,
+            stream_tokens="registers+text+image",
+            note="runs on cat([8 register tokens + text, image], 1), returns that joined tensor; the model "
+            "keeps the last N (image) tokens after the last one",
+        ),
     ),
     timestep=(2, "timestep"),
     make_inputs=_aura_inputs,
-    pipelines=(PipelineSpec(
-        "AuraFlowPipeline", "sigma",
-        "pipelines/aura_flow/pipeline_aura_flow.py:622: timestep = torch.tensor([t / 1000]).expand(B) "
-        "(t = FlowMatchEulerDiscreteScheduler.timesteps[i] = sigma * 1000)",
-        lambda tr: build("AuraFlowPipeline", transformer=tr, vae=tiny_vae(),
-                         scheduler=scheduler("FlowMatchEulerDiscreteScheduler", shift=1.73)),
-        lambda: dict(prompt_embeds=text(32), prompt_attention_mask=torch.ones(1, TEXT_LEN), guidance_scale=1.0,
-                     height=16, width=16, output_type="np")),),
+    pipelines=(
+        PipelineSpec(
+            "AuraFlowPipeline",
+            "sigma",
+            "pipelines/aura_flow/pipeline_aura_flow.py:622: timestep = torch.tensor([t / 1000]).expand(B) "
+            "(t = FlowMatchEulerDiscreteScheduler.timesteps[i] = sigma * 1000)",
+            lambda tr: build(
+                "AuraFlowPipeline",
+                transformer=tr,
+                vae=tiny_vae(),
+                scheduler=scheduler("FlowMatchEulerDiscreteScheduler", shift=1.73),
+            ),
+            lambda: dict(
+                prompt_embeds=text(32),
+                prompt_attention_mask=torch.ones(1, TEXT_LEN),
+                guidance_scale=1.0,
+                height=16,
+                width=16,
+                output_type="np",
+            ),
+        ),
+    ),
     notes="the encoder stream of the joint blocks starts with 8 learned register tokens",
 )
 
@@ -409,47 +621,94 @@ def _hunyuan_inputs(batch, t):
     from diffusers.pipelines.hunyuandit.pipeline_hunyuandit import get_resize_crop_region_for_grid
 
     grid = 8 // 2  # latent 8x8, patch 2 (the pipeline assumes a VAE factor of 8: height // 8 // patch_size)
-    rope = get_2d_rotary_pos_embed(8, get_resize_crop_region_for_grid((grid, grid), 512 // 8 // 2), (grid, grid),
-                                   output_type="pt")
+    rope = get_2d_rotary_pos_embed(
+        8, get_resize_crop_region_for_grid((grid, grid), 512 // 8 // 2), (grid, grid), output_type="pt"
+    )
     return (_randn(batch, 4, 8, 8), t), dict(
-        encoder_hidden_states=text(16, batch), text_embedding_mask=torch.ones(batch, TEXT_LEN, dtype=torch.long),
+        encoder_hidden_states=text(16, batch),
+        text_embedding_mask=torch.ones(batch, TEXT_LEN, dtype=torch.long),
         encoder_hidden_states_t5=text(32, batch, seed=2),
         text_embedding_mask_t5=torch.ones(batch, TEXT_LEN, dtype=torch.long),
         image_meta_size=torch.tensor([[1024.0, 1024, 64, 64, 0, 0]]).repeat(batch, 1),
-        style=torch.zeros(batch, dtype=torch.long), image_rotary_emb=rope, return_dict=False)
+        style=torch.zeros(batch, dtype=torch.long),
+        image_rotary_emb=rope,
+        return_dict=False,
+    )
 
 
 HUNYUAN_DIT = Family(
     name="HunyuanDiT",
     model_cls="HunyuanDiT2DModel",
-    config=dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, patch_size=2, sample_size=8,
-                hidden_size=16, num_layers=4, cross_attention_dim=16, cross_attention_dim_t5=32,
-                pooled_projection_dim=16, text_len=TEXT_LEN, text_len_t5=TEXT_LEN),
-    blocks=(BlockSpec(r"blocks\.\d+", "HunyuanDiTBlock",
-                      ("hidden_states", "encoder_hidden_states", "temb", "image_rotary_emb", "skip"), "hidden_states",
-                      "positional", None, True,
-                      note="blocks 0..L/2: pure residual; see HUNYUAN_LONG_SKIP for the blocks with skip_linear"),),
+    config=dict(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        patch_size=2,
+        sample_size=8,
+        hidden_size=16,
+        num_layers=4,
+        cross_attention_dim=16,
+        cross_attention_dim_t5=32,
+        pooled_projection_dim=16,
+        text_len=TEXT_LEN,
+        text_len_t5=TEXT_LEN,
+    ),
+    blocks=(
+        BlockSpec(
+            r"blocks\.\d+",
+            "HunyuanDiTBlock",
+            ("hidden_states", "encoder_hidden_states", "temb", "image_rotary_emb", "skip"),
+            "hidden_states",
+            "positional",
+            None,
+            True,
+            note="blocks 0..L/2: pure residual; see HUNYUAN_LONG_SKIP for the blocks with skip_linear",
+        ),
+    ),
     timestep=(1, "timestep"),
     make_inputs=_hunyuan_inputs,
-    pipelines=(PipelineSpec(
-        "HunyuanDiTPipeline", "index",
-        "pipelines/hunyuandit/pipeline_hunyuandit.py:840: t_expand = torch.tensor([t] * B).to(latents.dtype), "
-        "passed positionally at :847 (DDPMScheduler.timesteps, integers cast to float32)",
-        lambda tr: build("HunyuanDiTPipeline", transformer=tr, vae=tiny_vae(levels=4),
-                         scheduler=scheduler("DDPMScheduler"), requires_safety_checker=False),
-        lambda: dict(prompt_embeds=text(16), prompt_attention_mask=torch.ones(1, TEXT_LEN, dtype=torch.long),
-                     prompt_embeds_2=text(32, seed=2), prompt_attention_mask_2=torch.ones(1, TEXT_LEN,
-                                                                                          dtype=torch.long),
-                     guidance_scale=1.0, height=64, width=64, use_resolution_binning=False, output_type="np"),
-        note="the pipeline hard-codes a VAE factor of 8 for the rotary grid (:792), so the tiny VAE has 4 levels"),),
+    pipelines=(
+        PipelineSpec(
+            "HunyuanDiTPipeline",
+            "index",
+            "pipelines/hunyuandit/pipeline_hunyuandit.py:840: t_expand = torch.tensor([t] * B).to(latents.dtype), "
+            "passed positionally at :847 (DDPMScheduler.timesteps, integers cast to float32)",
+            lambda tr: build(
+                "HunyuanDiTPipeline",
+                transformer=tr,
+                vae=tiny_vae(levels=4),
+                scheduler=scheduler("DDPMScheduler"),
+                requires_safety_checker=False,
+            ),
+            lambda: dict(
+                prompt_embeds=text(16),
+                prompt_attention_mask=torch.ones(1, TEXT_LEN, dtype=torch.long),
+                prompt_embeds_2=text(32, seed=2),
+                prompt_attention_mask_2=torch.ones(1, TEXT_LEN, dtype=torch.long),
+                guidance_scale=1.0,
+                height=64,
+                width=64,
+                use_resolution_binning=False,
+                output_type="np",
+            ),
+            note="the pipeline hard-codes a VAE factor of 8 for the rotary grid (:792), so the tiny VAE has 4 levels",
+        ),
+    ),
     notes="blocks with index > num_layers // 2 take skip= (a long skip from block num_layers - 2 - index) and "
-          "start with hidden_states = skip_linear(skip_norm(cat([hidden_states, skip], -1))) before the residual: "
-          "their output is h + F(h) with h = skip_linear(...), not x + F(x)",
+    "start with hidden_states = skip_linear(skip_norm(cat([hidden_states, skip], -1))) before the residual: "
+    "their output is h + F(h) with h = skip_linear(...), not x + F(x)",
 )
 # The long-skip blocks of HunyuanDiT, declared apart: not a pure residual on their stream argument.
 HUNYUAN_LONG_SKIP = BlockSpec(
-    r"blocks\.(\d+)", "HunyuanDiTBlock", HUNYUAN_DIT.blocks[0].params, "hidden_states", "positional", None, False,
-    note="index > num_layers // 2: skip_linear(skip_norm(cat([x, skip], -1))) replaces x before the residual")
+    r"blocks\.(\d+)",
+    "HunyuanDiTBlock",
+    HUNYUAN_DIT.blocks[0].params,
+    "hidden_states",
+    "positional",
+    None,
+    False,
+    note="index > num_layers // 2: skip_linear(skip_norm(cat([x, skip], -1))) replaces x before the residual",
+)
 
 
 def hunyuan_long_skip_blocks(model) -> list[str]:
@@ -457,11 +716,28 @@ def hunyuan_long_skip_blocks(model) -> list[str]:
     return [f"blocks.{i}" for i in range(len(model.blocks)) if i > model.config.num_layers // 2]
 
 
-SANA_PARAMS = ("hidden_states", "attention_mask", "encoder_hidden_states", "encoder_attention_mask", "timestep",
-               "height", "width")
-SANA_CONFIG = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
-                   num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=32,
-                   sample_size=8, patch_size=1)
+SANA_PARAMS = (
+    "hidden_states",
+    "attention_mask",
+    "encoder_hidden_states",
+    "encoder_attention_mask",
+    "timestep",
+    "height",
+    "width",
+)
+SANA_CONFIG = dict(
+    in_channels=4,
+    out_channels=4,
+    num_attention_heads=2,
+    attention_head_dim=8,
+    num_layers=2,
+    num_cross_attention_heads=2,
+    cross_attention_head_dim=8,
+    cross_attention_dim=16,
+    caption_channels=32,
+    sample_size=8,
+    patch_size=1,
+)
 
 
 def tiny_dc_ae() -> nn.Module:
@@ -469,26 +745,49 @@ def tiny_dc_ae() -> nn.Module:
     torch.manual_seed(0)
     types, qkv = ("ResBlock", "ResBlock", "EfficientViTBlock"), ((), (), (5,))
     return diffusers.AutoencoderDC(
-        in_channels=3, latent_channels=4, attention_head_dim=2, encoder_block_types=types, decoder_block_types=types,
-        encoder_block_out_channels=(8, 8, 8), decoder_block_out_channels=(8, 8, 8), encoder_layers_per_block=(1, 1, 1),
-        decoder_layers_per_block=(1, 1, 1), encoder_qkv_multiscales=qkv, decoder_qkv_multiscales=qkv,
+        in_channels=3,
+        latent_channels=4,
+        attention_head_dim=2,
+        encoder_block_types=types,
+        decoder_block_types=types,
+        encoder_block_out_channels=(8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8),
+        encoder_layers_per_block=(1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1),
+        encoder_qkv_multiscales=qkv,
+        decoder_qkv_multiscales=qkv,
         upsample_block_type="interpolate",
-        downsample_block_type="Conv", scaling_factor=0.41407).eval()
+        downsample_block_type="Conv",
+        scaling_factor=0.41407,
+    ).eval()
 
 
 def _sana_inputs(batch, t, guidance=False):
-    kwargs = dict(encoder_hidden_states=text(32, batch), encoder_attention_mask=torch.ones(batch, TEXT_LEN),
-                  timestep=t, return_dict=False, attention_kwargs=None)
+    kwargs = dict(
+        encoder_hidden_states=text(32, batch),
+        encoder_attention_mask=torch.ones(batch, TEXT_LEN),
+        timestep=t,
+        return_dict=False,
+        attention_kwargs=None,
+    )
     if guidance:  # SanaSprintPipeline: guidance = guidance_scale * transformer.config.guidance_embeds_scale
         kwargs["guidance"] = torch.full((batch,), 4.5 * 0.1)
     return (_randn(batch, 4, 8, 8),), kwargs
 
 
-_SANA_RUN = dict(prompt_attention_mask=torch.ones(1, TEXT_LEN), height=32, width=32,
-                 use_resolution_binning=False, output_type="np")
-SANA_BLOCK = BlockSpec(r"transformer_blocks\.\d+", "SanaTransformerBlock", SANA_PARAMS, "hidden_states", "positional",
-                       None, True,
-                       note="`timestep` is the (B, 6*C) adaLN embedding; height/width reshape tokens for the conv FFN")
+_SANA_RUN = dict(
+    prompt_attention_mask=torch.ones(1, TEXT_LEN), height=32, width=32, use_resolution_binning=False, output_type="np"
+)
+SANA_BLOCK = BlockSpec(
+    r"transformer_blocks\.\d+",
+    "SanaTransformerBlock",
+    SANA_PARAMS,
+    "hidden_states",
+    "positional",
+    None,
+    True,
+    note="`timestep` is the (B, 6*C) adaLN embedding; height/width reshape tokens for the conv FFN",
+)
 SANA = Family(
     name="Sana",
     model_cls="SanaTransformer2DModel",
@@ -496,18 +795,30 @@ SANA = Family(
     blocks=(SANA_BLOCK,),
     timestep=(2, "timestep"),
     make_inputs=_sana_inputs,
-    pipelines=(PipelineSpec(
-        "SanaPipeline", "sigma1000",
-        "pipelines/sana/pipeline_sana.py:914: timestep = t.expand(B) * transformer.config.timestep_scale "
-        "(timestep_scale 1.0; t = DPMSolverMultistepScheduler(use_flow_sigmas).timesteps = sigma * 1000)",
-        lambda tr: build("SanaPipeline", transformer=tr, vae=tiny_dc_ae(),
-                         scheduler=scheduler("DPMSolverMultistepScheduler", flow_shift=3.0, use_flow_sigmas=True,
-                                             prediction_type="flow_prediction")),
-        lambda: dict(prompt_embeds=text(32), guidance_scale=1.0, **_SANA_RUN),
-        note="checkpoint scheduler: DPM-Solver++ with flow sigmas (shift 3); the class default (epsilon, no flow "
-             "sigmas) would pass integer DDPM indices instead"),),
+    pipelines=(
+        PipelineSpec(
+            "SanaPipeline",
+            "sigma1000",
+            "pipelines/sana/pipeline_sana.py:914: timestep = t.expand(B) * transformer.config.timestep_scale "
+            "(timestep_scale 1.0; t = DPMSolverMultistepScheduler(use_flow_sigmas).timesteps = sigma * 1000)",
+            lambda tr: build(
+                "SanaPipeline",
+                transformer=tr,
+                vae=tiny_dc_ae(),
+                scheduler=scheduler(
+                    "DPMSolverMultistepScheduler",
+                    flow_shift=3.0,
+                    use_flow_sigmas=True,
+                    prediction_type="flow_prediction",
+                ),
+            ),
+            lambda: dict(prompt_embeds=text(32), guidance_scale=1.0, **_SANA_RUN),
+            note="checkpoint scheduler: DPM-Solver++ with flow sigmas (shift 3); the class default (epsilon, no flow "
+            "sigmas) would pass integer DDPM indices instead",
+        ),
+    ),
     notes="SanaTransformer2DModel also serves SanaSprintPipeline (see SANA_SPRINT): the class alone cannot tell them "
-          "apart except by config.guidance_embeds",
+    "apart except by config.guidance_embeds",
 )
 SANA_SPRINT = Family(
     name="Sana-Sprint",
@@ -516,13 +827,19 @@ SANA_SPRINT = Family(
     blocks=(SANA_BLOCK,),
     timestep=(2, "timestep"),
     make_inputs=lambda b, t: _sana_inputs(b, t, guidance=True),
-    pipelines=(PipelineSpec(
-        "SanaSprintPipeline", "sigma",
-        "pipelines/sana/pipeline_sana_sprint.py:792: scm_timestep = sin(t) / (cos(t) + sin(t)) of the SCMScheduler "
-        "TrigFlow angle t in [0, pi/2]: the rectified-flow sigma in [0, 1], passed at :805",
-        lambda tr: build("SanaSprintPipeline", transformer=tr, vae=tiny_dc_ae(), scheduler=scheduler("SCMScheduler")),
-        lambda: dict(prompt_embeds=text(32), guidance_scale=4.5, **_SANA_RUN),
-        note="2 steps: angles [max_timesteps=1.5708, intermediate_timesteps=1.3]; the first sigma is 1 - 1e-6"),),
+    pipelines=(
+        PipelineSpec(
+            "SanaSprintPipeline",
+            "sigma",
+            "pipelines/sana/pipeline_sana_sprint.py:792: scm_timestep = sin(t) / (cos(t) + sin(t)) of the SCMScheduler "
+            "TrigFlow angle t in [0, pi/2]: the rectified-flow sigma in [0, 1], passed at :805",
+            lambda tr: build(
+                "SanaSprintPipeline", transformer=tr, vae=tiny_dc_ae(), scheduler=scheduler("SCMScheduler")
+            ),
+            lambda: dict(prompt_embeds=text(32), guidance_scale=4.5, **_SANA_RUN),
+            note="2 steps: angles [max_timesteps=1.5708, intermediate_timesteps=1.3]; the first sigma is 1 - 1e-6",
+        ),
+    ),
     notes="same class as Sana; Sana-Sprint checkpoints set guidance_embeds=True (and qk_norm)",
 )
 
@@ -532,137 +849,291 @@ def _lumina_next_inputs(batch, t):
 
     rope = get_2d_rotary_pos_embed_lumina(8, 384, 384, linear_factor=1.0, ntk_factor=1.0)
     # as LuminaPipeline at its default size (sample_size 16 * VAE factor 2 = 32 px): base length (32 // 16) ** 2
-    return (), dict(hidden_states=_randn(batch, 4, 16, 16), timestep=t, encoder_hidden_states=text(32, batch),
-                    encoder_mask=torch.ones(batch, TEXT_LEN), image_rotary_emb=rope,
-                    cross_attention_kwargs={"base_sequence_length": 4}, return_dict=False)
+    return (), dict(
+        hidden_states=_randn(batch, 4, 16, 16),
+        timestep=t,
+        encoder_hidden_states=text(32, batch),
+        encoder_mask=torch.ones(batch, TEXT_LEN),
+        image_rotary_emb=rope,
+        cross_attention_kwargs={"base_sequence_length": 4},
+        return_dict=False,
+    )
 
 
 LUMINA_NEXT = Family(
     name="Lumina-Next",
     model_cls="LuminaNextDiT2DModel",
-    config=dict(sample_size=16, patch_size=2, in_channels=4, hidden_size=16, num_layers=2, num_attention_heads=2,
-                num_kv_heads=2, multiple_of=16, cross_attention_dim=32),
-    blocks=(BlockSpec(r"layers\.\d+", "LuminaNextDiTBlock",
-                      ("hidden_states", "attention_mask", "image_rotary_emb", "encoder_hidden_states", "encoder_mask",
-                       "temb", "cross_attention_kwargs"), "hidden_states", "positional", None, True,
-                      note="x + tanh(gate) * norm(attn) then + tanh(gate) * norm(ffn): residual with tanh gates"),),
+    config=dict(
+        sample_size=16,
+        patch_size=2,
+        in_channels=4,
+        hidden_size=16,
+        num_layers=2,
+        num_attention_heads=2,
+        num_kv_heads=2,
+        multiple_of=16,
+        cross_attention_dim=32,
+    ),
+    blocks=(
+        BlockSpec(
+            r"layers\.\d+",
+            "LuminaNextDiTBlock",
+            (
+                "hidden_states",
+                "attention_mask",
+                "image_rotary_emb",
+                "encoder_hidden_states",
+                "encoder_mask",
+                "temb",
+                "cross_attention_kwargs",
+            ),
+            "hidden_states",
+            "positional",
+            None,
+            True,
+            note="x + tanh(gate) * norm(attn) then + tanh(gate) * norm(ffn): residual with tanh gates",
+        ),
+    ),
     timestep=(1, "timestep"),
     make_inputs=_lumina_next_inputs,
-    pipelines=(PipelineSpec(
-        "LuminaPipeline", "one_minus_sigma",
-        "pipelines/lumina/pipeline_lumina.py:850: current_timestep = 1 - current_timestep / "
-        "scheduler.config.num_train_timesteps (FlowMatchEuler timesteps = sigma * 1000): 1 = data",
-        lambda tr: build("LuminaPipeline", transformer=tr, vae=tiny_vae(), scheduler=scheduler(
-            "FlowMatchEulerDiscreteScheduler")),
-        lambda: dict(prompt_embeds=text(32), prompt_attention_mask=torch.ones(1, TEXT_LEN), guidance_scale=1.0,
-                     height=32, width=32, output_type="np"),
-        note="proportional attention (default) takes log base (default_size // 16) ** 2: a default size under 32 px "
-             "divides by zero, so this family is 16x16 latents"),),
+    pipelines=(
+        PipelineSpec(
+            "LuminaPipeline",
+            "one_minus_sigma",
+            "pipelines/lumina/pipeline_lumina.py:850: current_timestep = 1 - current_timestep / "
+            "scheduler.config.num_train_timesteps (FlowMatchEuler timesteps = sigma * 1000): 1 = data",
+            lambda tr: build(
+                "LuminaPipeline", transformer=tr, vae=tiny_vae(), scheduler=scheduler("FlowMatchEulerDiscreteScheduler")
+            ),
+            lambda: dict(
+                prompt_embeds=text(32),
+                prompt_attention_mask=torch.ones(1, TEXT_LEN),
+                guidance_scale=1.0,
+                height=32,
+                width=32,
+                output_type="np",
+            ),
+            note="proportional attention (default) takes log base (default_size // 16) ** 2: a default size under "
+            "32 px divides by zero, so this family is 16x16 latents",
+        ),
+    ),
     notes="learn_sigma: output has 2 * in_channels, the pipeline keeps the first half; pad_token is torch.empty "
-          "(never initialised by the class)",
+    "(never initialised by the class)",
     uninitialised=("pad_token",),
 )
 
 
 def _lumina2_inputs(batch, t):
     mask = torch.ones(batch, TEXT_LEN, dtype=torch.bool)
-    mask[1:, TEXT_LEN - 2:] = False  # captions of different lengths: the joined sequence is padded per sample
-    return (), dict(hidden_states=_randn(batch, 4, 8, 8), timestep=t, encoder_hidden_states=text(32, batch),
-                    encoder_attention_mask=mask, return_dict=False, attention_kwargs=None)
+    mask[1:, TEXT_LEN - 2 :] = False  # captions of different lengths: the joined sequence is padded per sample
+    return (), dict(
+        hidden_states=_randn(batch, 4, 8, 8),
+        timestep=t,
+        encoder_hidden_states=text(32, batch),
+        encoder_attention_mask=mask,
+        return_dict=False,
+        attention_kwargs=None,
+    )
 
 
 LUMINA2 = Family(
     name="Lumina 2",
     model_cls="Lumina2Transformer2DModel",
-    config=dict(sample_size=8, patch_size=2, in_channels=4, hidden_size=16, num_layers=2, num_refiner_layers=1,
-                num_attention_heads=2, num_kv_heads=1, multiple_of=16, axes_dim_rope=(4, 2, 2), axes_lens=(32, 16, 16),
-                cap_feat_dim=32),
+    config=dict(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        hidden_size=16,
+        num_layers=2,
+        num_refiner_layers=1,
+        num_attention_heads=2,
+        num_kv_heads=1,
+        multiple_of=16,
+        axes_dim_rope=(4, 2, 2),
+        axes_lens=(32, 16, 16),
+        cap_feat_dim=32,
+    ),
     blocks=(
-        BlockSpec(r"noise_refiner\.\d+", "Lumina2TransformerBlock",
-                  ("hidden_states", "attention_mask", "image_rotary_emb", "temb"), "hidden_states", "positional", None,
-                  True, note="image tokens only, before the joint layers"),
-        BlockSpec(r"layers\.\d+", "Lumina2TransformerBlock",
-                  ("hidden_states", "attention_mask", "image_rotary_emb", "temb"), "hidden_states", "positional", None,
-                  True, stream_tokens="text+image",
-                  note="joined [caption; image] per sample, caption length varies by sample, padded to the longest"),
+        BlockSpec(
+            r"noise_refiner\.\d+",
+            "Lumina2TransformerBlock",
+            ("hidden_states", "attention_mask", "image_rotary_emb", "temb"),
+            "hidden_states",
+            "positional",
+            None,
+            True,
+            note="image tokens only, before the joint layers",
+        ),
+        BlockSpec(
+            r"layers\.\d+",
+            "Lumina2TransformerBlock",
+            ("hidden_states", "attention_mask", "image_rotary_emb", "temb"),
+            "hidden_states",
+            "positional",
+            None,
+            True,
+            stream_tokens="text+image",
+            note="joined [caption; image] per sample, caption length varies by sample, padded to the longest",
+        ),
     ),
     timestep=(1, "timestep"),
     make_inputs=_lumina2_inputs,
-    pipelines=(PipelineSpec(
-        "Lumina2Pipeline", "one_minus_sigma",
-        "pipelines/lumina2/pipeline_lumina2.py:673: current_timestep = 1 - t / scheduler.config.num_train_timesteps "
-        "(FlowMatchEuler timesteps = sigma * 1000): 1 = data",
-        lambda tr: build("Lumina2Pipeline", transformer=tr, vae=tiny_vae(shift_factor=0.0), scheduler=scheduler(
-            "FlowMatchEulerDiscreteScheduler")),
-        lambda: dict(prompt_embeds=text(32), prompt_attention_mask=torch.ones(1, TEXT_LEN, dtype=torch.long),
-                     guidance_scale=1.0,
-                     height=16, width=16, output_type="np")),),
+    pipelines=(
+        PipelineSpec(
+            "Lumina2Pipeline",
+            "one_minus_sigma",
+            "pipelines/lumina2/pipeline_lumina2.py:673: current_timestep = 1 - t / "
+            "scheduler.config.num_train_timesteps (FlowMatchEuler timesteps = sigma * 1000): 1 = data",
+            lambda tr: build(
+                "Lumina2Pipeline",
+                transformer=tr,
+                vae=tiny_vae(shift_factor=0.0),
+                scheduler=scheduler("FlowMatchEulerDiscreteScheduler"),
+            ),
+            lambda: dict(
+                prompt_embeds=text(32),
+                prompt_attention_mask=torch.ones(1, TEXT_LEN, dtype=torch.long),
+                guidance_scale=1.0,
+                height=16,
+                width=16,
+                output_type="np",
+            ),
+        ),
+    ),
     notes="context_refiner.N (caption only, modulation=False, no timestep) is not a routing target",
 )
 
 
 def _cogvideox_inputs(batch, t):
-    return (), dict(hidden_states=_randn(batch, 2, 4, 4, 4), encoder_hidden_states=text(32, batch), timestep=t,
-                    image_rotary_emb=None, attention_kwargs=None, return_dict=False)
+    return (), dict(
+        hidden_states=_randn(batch, 2, 4, 4, 4),
+        encoder_hidden_states=text(32, batch),
+        timestep=t,
+        image_rotary_emb=None,
+        attention_kwargs=None,
+        return_dict=False,
+    )
 
 
 def tiny_cogvideox_vae() -> nn.Module:
     """A 3-level AutoencoderKLCogVideoX: spatial factor 4, temporal factor 4 (5 frames -> 2 latent frames)."""
     torch.manual_seed(0)
     return diffusers.AutoencoderKLCogVideoX(
-        down_block_types=("CogVideoXDownBlock3D",) * 3, up_block_types=("CogVideoXUpBlock3D",) * 3,
-        block_out_channels=(8, 8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=2,
-        temporal_compression_ratio=4, sample_height=16, sample_width=16).eval()
+        down_block_types=("CogVideoXDownBlock3D",) * 3,
+        up_block_types=("CogVideoXUpBlock3D",) * 3,
+        block_out_channels=(8, 8, 8),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=2,
+        temporal_compression_ratio=4,
+        sample_height=16,
+        sample_width=16,
+    ).eval()
 
 
 COGVIDEOX = Family(
     name="CogVideoX",
     model_cls="CogVideoXTransformer3DModel",
-    config=dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=16,
-                text_embed_dim=32, num_layers=2, sample_width=4, sample_height=4, sample_frames=5, patch_size=2,
-                temporal_compression_ratio=4, max_text_seq_length=TEXT_LEN),
-    blocks=(BlockSpec(r"transformer_blocks\.\d+", "CogVideoXBlock",
-                      ("hidden_states", "encoder_hidden_states", "temb", "image_rotary_emb", "attention_kwargs"),
-                      "hidden_states", "keyword", 0, True,
-                      note="returns (hidden_states, encoder_hidden_states): image FIRST, unlike Flux/SD3; one "
-                           "feed-forward runs on cat([text, image]) and is split back, each stream keeps its residual"),),
+    config=dict(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        time_embed_dim=16,
+        text_embed_dim=32,
+        num_layers=2,
+        sample_width=4,
+        sample_height=4,
+        sample_frames=5,
+        patch_size=2,
+        temporal_compression_ratio=4,
+        max_text_seq_length=TEXT_LEN,
+    ),
+    blocks=(
+        BlockSpec(
+            r"transformer_blocks\.\d+",
+            "CogVideoXBlock",
+            ("hidden_states", "encoder_hidden_states", "temb", "image_rotary_emb", "attention_kwargs"),
+            "hidden_states",
+            "keyword",
+            0,
+            True,
+            note="returns (hidden_states, encoder_hidden_states): image FIRST, unlike Flux/SD3; one "
+            "feed-forward runs on cat([text, image]) and is split back, each stream keeps its residual",
+        ),
+    ),
     timestep=(2, "timestep"),
     make_inputs=_cogvideox_inputs,
     timestep_dtype=torch.int64,
-    pipelines=(PipelineSpec(
-        "CogVideoXPipeline", "index",
-        "pipelines/cogvideo/pipeline_cogvideox.py:734: timestep=timestep (t.expand(B) of "
-        "CogVideoXDDIMScheduler.timesteps, int64, :727)",
-        lambda tr: build("CogVideoXPipeline", transformer=tr, vae=tiny_cogvideox_vae(),
-                         scheduler=scheduler("CogVideoXDDIMScheduler")),
-        lambda: dict(prompt_embeds=text(32), guidance_scale=1.0, height=16, width=16, num_frames=5,
-                     output_type="np")),),
+    pipelines=(
+        PipelineSpec(
+            "CogVideoXPipeline",
+            "index",
+            "pipelines/cogvideo/pipeline_cogvideox.py:734: timestep=timestep (t.expand(B) of "
+            "CogVideoXDDIMScheduler.timesteps, int64, :727)",
+            lambda tr: build(
+                "CogVideoXPipeline",
+                transformer=tr,
+                vae=tiny_cogvideox_vae(),
+                scheduler=scheduler("CogVideoXDDIMScheduler"),
+            ),
+            lambda: dict(
+                prompt_embeds=text(32), guidance_scale=1.0, height=16, width=16, num_frames=5, output_type="np"
+            ),
+        ),
+    ),
     notes="hidden_states (B, F, C, H, W) frames-first; CogVideoX 1.0 sinusoidal positions (no RoPE) in this config",
 )
 
 
 def _ltx_inputs(batch, t):
     # LTXPipeline at 32x32 px, 5 frames: latents 2 x 8 x 8 packed to (B, 128, 4) (VAE factors 4, 4; patch 1)
-    return (), dict(hidden_states=_randn(batch, 128, 4), encoder_hidden_states=text(32, batch), timestep=t,
-                    encoder_attention_mask=torch.ones(batch, TEXT_LEN), num_frames=2, height=8, width=8,
-                    rope_interpolation_scale=(4 / 25, 4, 4), attention_kwargs=None, return_dict=False)
+    return (), dict(
+        hidden_states=_randn(batch, 128, 4),
+        encoder_hidden_states=text(32, batch),
+        timestep=t,
+        encoder_attention_mask=torch.ones(batch, TEXT_LEN),
+        num_frames=2,
+        height=8,
+        width=8,
+        rope_interpolation_scale=(4 / 25, 4, 4),
+        attention_kwargs=None,
+        return_dict=False,
+    )
 
 
 def tiny_ltx_vae() -> nn.Module:
     """A 4-level AutoencoderKLLTXVideo, 2 of them scaling space and time: factors 4 and 4."""
     torch.manual_seed(0)
     return diffusers.AutoencoderKLLTXVideo(
-        latent_channels=4, block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
-        layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1, 1),
-        spatio_temporal_scaling=(True, True, False, False), decoder_spatio_temporal_scaling=(True, True, False, False),
-        decoder_inject_noise=(False,) * 5, upsample_residual=(False,) * 4, upsample_factor=(1,) * 4,
-        patch_size=1, patch_size_t=1, encoder_causal=True, decoder_causal=False).eval()
+        latent_channels=4,
+        block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8),
+        layers_per_block=(1, 1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1, 1),
+        spatio_temporal_scaling=(True, True, False, False),
+        decoder_spatio_temporal_scaling=(True, True, False, False),
+        decoder_inject_noise=(False,) * 5,
+        upsample_residual=(False,) * 4,
+        upsample_factor=(1,) * 4,
+        patch_size=1,
+        patch_size_t=1,
+        encoder_causal=True,
+        decoder_causal=False,
+    ).eval()
 
 
 def _ltx_scheduler():
     # LTX-Video checkpoint scheduler: resolution-dependent shift, terminal sigma 0.1
-    return scheduler("FlowMatchEulerDiscreteScheduler", use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05,
-                     base_image_seq_len=1024, max_image_seq_len=4096, shift_terminal=0.1)
+    return scheduler(
+        "FlowMatchEulerDiscreteScheduler",
+        use_dynamic_shifting=True,
+        base_shift=0.95,
+        max_shift=2.05,
+        base_image_seq_len=1024,
+        max_image_seq_len=4096,
+        shift_terminal=0.1,
+    )
 
 
 def _tiny_image(size: int = 32):
@@ -673,52 +1144,90 @@ def _tiny_image(size: int = 32):
     return Image.fromarray((torch.rand(size, size, 3, generator=g) * 255).to(torch.uint8).numpy())
 
 
-_LTX_RUN = lambda: dict(prompt_embeds=text(32), prompt_attention_mask=torch.ones(1, TEXT_LEN), guidance_scale=1.0,
-                        height=32, width=32, num_frames=5, output_type="np")
+_LTX_RUN = lambda: dict(
+    prompt_embeds=text(32),
+    prompt_attention_mask=torch.ones(1, TEXT_LEN),
+    guidance_scale=1.0,
+    height=32,
+    width=32,
+    num_frames=5,
+    output_type="np",
+)
 LTX = Family(
     name="LTX-Video",
     model_cls="LTXVideoTransformer3DModel",
-    config=dict(in_channels=4, out_channels=4, patch_size=1, patch_size_t=1, num_attention_heads=2,
-                attention_head_dim=8, cross_attention_dim=16, num_layers=2, caption_channels=32),
-    blocks=(BlockSpec(r"transformer_blocks\.\d+", "LTXVideoTransformerBlock",
-                      ("hidden_states", "encoder_hidden_states", "temb", "image_rotary_emb", "encoder_attention_mask"),
-                      "hidden_states", "keyword", None, True,
-                      note="temb is (B, 1, 6*C) or per token (B, N, 6*C) when the timestep is (B, N)"),),
+    config=dict(
+        in_channels=4,
+        out_channels=4,
+        patch_size=1,
+        patch_size_t=1,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        cross_attention_dim=16,
+        num_layers=2,
+        caption_channels=32,
+    ),
+    blocks=(
+        BlockSpec(
+            r"transformer_blocks\.\d+",
+            "LTXVideoTransformerBlock",
+            ("hidden_states", "encoder_hidden_states", "temb", "image_rotary_emb", "encoder_attention_mask"),
+            "hidden_states",
+            "keyword",
+            None,
+            True,
+            note="temb is (B, 1, 6*C) or per token (B, N, 6*C) when the timestep is (B, N)",
+        ),
+    ),
     timestep=(2, "timestep"),
     make_inputs=_ltx_inputs,
     per_token_shape=lambda b: (b, 128),
     pipelines=(
         PipelineSpec(
-            "LTXPipeline", "sigma1000",
+            "LTXPipeline",
+            "sigma1000",
             "pipelines/ltx/pipeline_ltx.py:768: timestep = t.expand(B) (FlowMatchEuler timesteps = sigma * 1000), "
             "passed at :774",
             lambda tr: build("LTXPipeline", transformer=tr, vae=tiny_ltx_vae(), scheduler=_ltx_scheduler()),
-            _LTX_RUN),
+            _LTX_RUN,
+        ),
         PipelineSpec(
-            "LTXImageToVideoPipeline", "sigma1000",
+            "LTXImageToVideoPipeline",
+            "sigma1000",
             "pipelines/ltx/pipeline_ltx_image2video.py:840-841: timestep = t.expand(B).unsqueeze(-1) * "
             "(1 - conditioning_mask): (B, N), 0 on the conditioning (first latent frame) tokens",
-            lambda tr: build("LTXImageToVideoPipeline", transformer=tr, vae=tiny_ltx_vae(),
-                             scheduler=_ltx_scheduler()),
+            lambda tr: build("LTXImageToVideoPipeline", transformer=tr, vae=tiny_ltx_vae(), scheduler=_ltx_scheduler()),
             lambda: dict(_LTX_RUN(), image=_tiny_image()),
-            per_token="(B, N) float32, N = latent frames * h * w tokens; first latent frame's 64 tokens are 0"),
+            per_token="(B, N) float32, N = latent frames * h * w tokens; first latent frame's 64 tokens are 0",
+        ),
     ),
     notes="tokens packed (B, F*H*W, C) by the pipeline; LTXConditionPipeline (not run here) passes (B, 1) or "
-          "(B, N) = min(t, (1 - conditioning_mask) * 1000) (pipeline_ltx_condition.py:1197-1199)",
+    "(B, N) = min(t, (1 - conditioning_mask) * 1000) (pipeline_ltx_condition.py:1197-1199)",
 )
 
 
 def _wan_inputs(batch, t):
-    return (), dict(hidden_states=_randn(batch, 4, 2, 4, 4), timestep=t, encoder_hidden_states=text(32, batch),
-                    attention_kwargs=None, return_dict=False)
+    return (), dict(
+        hidden_states=_randn(batch, 4, 2, 4, 4),
+        timestep=t,
+        encoder_hidden_states=text(32, batch),
+        attention_kwargs=None,
+        return_dict=False,
+    )
 
 
 def tiny_wan_vae() -> nn.Module:
     """An AutoencoderKLWan of base width 3, 4 latent channels: spatial factor 8, temporal factor 4."""
     torch.manual_seed(0)
-    return diffusers.AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
-                                      temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
-                                      latents_std=[1.0] * 4).eval()
+    return diffusers.AutoencoderKLWan(
+        base_dim=3,
+        z_dim=4,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
+    ).eval()
 
 
 def _wan_scheduler():
@@ -726,160 +1235,352 @@ def _wan_scheduler():
     return scheduler("UniPCMultistepScheduler", prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
 
 
-_WAN_RUN = lambda: dict(prompt_embeds=text(32), guidance_scale=1.0, height=32, width=32, num_frames=5,
-                        output_type="np")
+_WAN_RUN = lambda: dict(prompt_embeds=text(32), guidance_scale=1.0, height=32, width=32, num_frames=5, output_type="np")
 WAN = Family(
     name="Wan",
     model_cls="WanTransformer3DModel",
-    config=dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
-                text_dim=32, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32),
-    blocks=(BlockSpec(r"blocks\.\d+", "WanTransformerBlock",
-                      ("hidden_states", "encoder_hidden_states", "temb", "rotary_emb"), "hidden_states", "positional",
-                      None, True,
-                      note="temb (B, 6, C), or (B, N, 6, C) per token when the timestep is (B, N) (Wan 2.2 TI2V)"),),
+    config=dict(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        text_dim=32,
+        freq_dim=16,
+        ffn_dim=32,
+        num_layers=2,
+        rope_max_seq_len=32,
+    ),
+    blocks=(
+        BlockSpec(
+            r"blocks\.\d+",
+            "WanTransformerBlock",
+            ("hidden_states", "encoder_hidden_states", "temb", "rotary_emb"),
+            "hidden_states",
+            "positional",
+            None,
+            True,
+            note="temb (B, 6, C), or (B, N, 6, C) per token when the timestep is (B, N) (Wan 2.2 TI2V)",
+        ),
+    ),
     timestep=(1, "timestep"),
     make_inputs=_wan_inputs,
     timestep_dtype=torch.int64,  # UniPC's int64 timesteps; (B, N) per-token timesteps are float32
     per_token_shape=lambda b: (b, 8),
     pipelines=(
         PipelineSpec(
-            "WanPipeline", "sigma1000",
+            "WanPipeline",
+            "sigma1000",
             "pipelines/wan/pipeline_wan.py:613: timestep = t.expand(B) (UniPC flow timesteps = sigma * 1000)",
             lambda tr: build("WanPipeline", transformer=tr, vae=tiny_wan_vae(), scheduler=_wan_scheduler()),
-            _WAN_RUN),
+            _WAN_RUN,
+        ),
         PipelineSpec(
-            "WanPipeline", "sigma1000",
+            "WanPipeline",
+            "sigma1000",
             "pipelines/wan/pipeline_wan.py:609-611 (expand_timesteps=True, Wan 2.2 TI2V text-to-video): "
             "timestep = (mask[0][0][:, ::2, ::2] * t).flatten() expanded to (B, N); the mask is all ones",
-            lambda tr: build("WanPipeline", transformer=tr, vae=tiny_wan_vae(), scheduler=_wan_scheduler(),
-                             expand_timesteps=True),
+            lambda tr: build(
+                "WanPipeline", transformer=tr, vae=tiny_wan_vae(), scheduler=_wan_scheduler(), expand_timesteps=True
+            ),
             _WAN_RUN,
-            per_token="(B, N) float32, N = latent frames * (h/2) * (w/2); every token equal to t"),
+            per_token="(B, N) float32, N = latent frames * (h/2) * (w/2); every token equal to t",
+        ),
         PipelineSpec(
-            "WanImageToVideoPipeline", "sigma1000",
+            "WanImageToVideoPipeline",
+            "sigma1000",
             "pipelines/wan/pipeline_wan_i2v.py:768-770 (expand_timesteps=True, Wan 2.2 TI2V image-to-video): "
             "timestep = (first_frame_mask[0][0][:, ::2, ::2] * t).flatten() expanded to (B, N)",
-            lambda tr: build("WanImageToVideoPipeline", transformer=tr, vae=tiny_wan_vae(),
-                             scheduler=_wan_scheduler(), expand_timesteps=True),
+            lambda tr: build(
+                "WanImageToVideoPipeline",
+                transformer=tr,
+                vae=tiny_wan_vae(),
+                scheduler=_wan_scheduler(),
+                expand_timesteps=True,
+            ),
             lambda: dict(_WAN_RUN(), image=_tiny_image()),
-            per_token="(B, N) float32; the first latent frame's tokens are 0 (the clean conditioning image)"),
+            per_token="(B, N) float32; the first latent frame's tokens are 0 (the clean conditioning image)",
+        ),
     ),
     notes="hidden_states (B, C, F, H, W); Wan 2.2 A14B adds transformer_2 for low-noise steps (boundary_ratio), "
-          "switched by the pipeline, same class",
+    "switched by the pipeline, same class",
 )
 
 
 def _cogview4_inputs(batch, t):
     size = torch.tensor([[16.0, 16.0]]).repeat(batch, 1)  # original_size, target_size in pixels (16x16 image)
-    return (), dict(hidden_states=_randn(batch, 4, 8, 8), encoder_hidden_states=text(32, batch), timestep=t,
-                    original_size=size, target_size=size, crop_coords=torch.zeros(batch, 2), attention_kwargs=None,
-                    return_dict=False)
+    return (), dict(
+        hidden_states=_randn(batch, 4, 8, 8),
+        encoder_hidden_states=text(32, batch),
+        timestep=t,
+        original_size=size,
+        target_size=size,
+        crop_coords=torch.zeros(batch, 2),
+        attention_kwargs=None,
+        return_dict=False,
+    )
 
 
 COGVIEW4 = Family(
     name="CogView4",
     model_cls="CogView4Transformer2DModel",
-    config=dict(patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
-                text_embed_dim=32, time_embed_dim=8, condition_dim=4, pos_embed_max_size=16, sample_size=8,
-                rope_axes_dim=(8, 8)),
-    blocks=(BlockSpec(r"transformer_blocks\.\d+", "CogView4TransformerBlock",
-                      ("hidden_states", "encoder_hidden_states", "temb", "image_rotary_emb", "attention_mask",
-                       "attention_kwargs"), "hidden_states", "positional", 0, True,
-                      note="returns (hidden_states, encoder_hidden_states): image first; called positionally"),),
+    config=dict(
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        text_embed_dim=32,
+        time_embed_dim=8,
+        condition_dim=4,
+        pos_embed_max_size=16,
+        sample_size=8,
+        rope_axes_dim=(8, 8),
+    ),
+    blocks=(
+        BlockSpec(
+            r"transformer_blocks\.\d+",
+            "CogView4TransformerBlock",
+            (
+                "hidden_states",
+                "encoder_hidden_states",
+                "temb",
+                "image_rotary_emb",
+                "attention_mask",
+                "attention_kwargs",
+            ),
+            "hidden_states",
+            "positional",
+            0,
+            True,
+            note="returns (hidden_states, encoder_hidden_states): image first; called positionally",
+        ),
+    ),
     timestep=(2, "timestep"),
     make_inputs=_cogview4_inputs,
-    pipelines=(PipelineSpec(
-        "CogView4Pipeline", "sigma1000",
-        "pipelines/cogview4/pipeline_cogview4.py:587-606: timesteps linspace(1000, 1, n) truncated to integers, "
-        "sigmas = timesteps / 1000, then shifted by mu; timestep = t.expand(B) (:622) is the shifted sigma * 1000",
-        lambda tr: build("CogView4Pipeline", transformer=tr, vae=tiny_vae(),
-                         scheduler=scheduler("FlowMatchEulerDiscreteScheduler", base_shift=0.25, max_shift=0.75,
-                                             base_image_seq_len=256, use_dynamic_shifting=True,
-                                             time_shift_type="linear")),
-        lambda: dict(prompt_embeds=text(32), guidance_scale=1.0, height=16, width=16, output_type="np")),),
+    pipelines=(
+        PipelineSpec(
+            "CogView4Pipeline",
+            "sigma1000",
+            "pipelines/cogview4/pipeline_cogview4.py:587-606: timesteps linspace(1000, 1, n) truncated to integers, "
+            "sigmas = timesteps / 1000, then shifted by mu; timestep = t.expand(B) (:622) is the shifted sigma * 1000",
+            lambda tr: build(
+                "CogView4Pipeline",
+                transformer=tr,
+                vae=tiny_vae(),
+                scheduler=scheduler(
+                    "FlowMatchEulerDiscreteScheduler",
+                    base_shift=0.25,
+                    max_shift=0.75,
+                    base_image_seq_len=256,
+                    use_dynamic_shifting=True,
+                    time_shift_type="linear",
+                ),
+            ),
+            lambda: dict(prompt_embeds=text(32), guidance_scale=1.0, height=16, width=16, output_type="np"),
+        ),
+    ),
 )
 
 
 def _chroma_inputs(batch, t):
     img_ids = diffusers.FluxPipeline._prepare_latent_image_ids(batch, 4, 4, "cpu", torch.float32)
     mask = torch.ones(batch, TEXT_LEN + 16, dtype=torch.bool)  # prompt mask extended over the image tokens
-    return (), dict(hidden_states=_randn(batch, 16, 16), timestep=t, encoder_hidden_states=text(32, batch),
-                    txt_ids=torch.zeros(TEXT_LEN, 3), img_ids=img_ids, attention_mask=mask,
-                    joint_attention_kwargs=None, return_dict=False)
+    return (), dict(
+        hidden_states=_randn(batch, 16, 16),
+        timestep=t,
+        encoder_hidden_states=text(32, batch),
+        txt_ids=torch.zeros(TEXT_LEN, 3),
+        img_ids=img_ids,
+        attention_mask=mask,
+        joint_attention_kwargs=None,
+        return_dict=False,
+    )
 
 
 CHROMA = Family(
     name="Chroma",
     model_cls="ChromaTransformer2DModel",
-    config=dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
-                num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(2, 2, 4), approximator_num_channels=8,
-                approximator_hidden_dim=16, approximator_layers=1),
+    config=dict(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        axes_dims_rope=(2, 2, 4),
+        approximator_num_channels=8,
+        approximator_hidden_dim=16,
+        approximator_layers=1,
+    ),
     blocks=(
-        BlockSpec(r"transformer_blocks\.\d+", "ChromaTransformerBlock",
-                  ("hidden_states", "encoder_hidden_states", "temb", "image_rotary_emb", "attention_mask",
-                   "joint_attention_kwargs"), "hidden_states", "keyword", 1, True,
-                  note="returns (encoder_hidden_states, hidden_states); temb is a slice of the distilled "
-                       "modulation vector, per block"),
-        BlockSpec(r"single_transformer_blocks\.\d+", "ChromaSingleTransformerBlock",
-                  ("hidden_states", "temb", "image_rotary_emb", "attention_mask", "joint_attention_kwargs"),
-                  "hidden_states", "keyword", None, True, stream_tokens="text+image",
-                  note="unlike Flux in 0.42: runs on the joined cat([text, image], 1) tensor and returns it"),
+        BlockSpec(
+            r"transformer_blocks\.\d+",
+            "ChromaTransformerBlock",
+            (
+                "hidden_states",
+                "encoder_hidden_states",
+                "temb",
+                "image_rotary_emb",
+                "attention_mask",
+                "joint_attention_kwargs",
+            ),
+            "hidden_states",
+            "keyword",
+            1,
+            True,
+            note="returns (encoder_hidden_states, hidden_states); temb is a slice of the distilled "
+            "modulation vector, per block",
+        ),
+        BlockSpec(
+            r"single_transformer_blocks\.\d+",
+            "ChromaSingleTransformerBlock",
+            ("hidden_states", "temb", "image_rotary_emb", "attention_mask", "joint_attention_kwargs"),
+            "hidden_states",
+            "keyword",
+            None,
+            True,
+            stream_tokens="text+image",
+            note="unlike Flux in 0.42: runs on the joined cat([text, image], 1) tensor and returns it",
+        ),
     ),
     timestep=(2, "timestep"),
     make_inputs=_chroma_inputs,
-    pipelines=(PipelineSpec(
-        "ChromaPipeline", "sigma",
-        "pipelines/chroma/pipeline_chroma.py:860: timestep=timestep / 1000 (FlowMatchEuler timesteps = sigma * 1000)",
-        lambda tr: build("ChromaPipeline", transformer=tr, vae=tiny_vae(shift_factor=0.0),
-                         scheduler=scheduler("FlowMatchEulerDiscreteScheduler", shift=3.0, use_dynamic_shifting=True,
-                                             base_shift=0.5, max_shift=1.15)),
-        lambda: dict(prompt_embeds=text(32), prompt_attention_mask=torch.ones(1, TEXT_LEN), guidance_scale=1.0,
-                     height=16, width=16, output_type="np")),),
+    pipelines=(
+        PipelineSpec(
+            "ChromaPipeline",
+            "sigma",
+            "pipelines/chroma/pipeline_chroma.py:860: timestep=timestep / 1000 "
+            "(FlowMatchEuler timesteps = sigma * 1000)",
+            lambda tr: build(
+                "ChromaPipeline",
+                transformer=tr,
+                vae=tiny_vae(shift_factor=0.0),
+                scheduler=scheduler(
+                    "FlowMatchEulerDiscreteScheduler",
+                    shift=3.0,
+                    use_dynamic_shifting=True,
+                    base_shift=0.5,
+                    max_shift=1.15,
+                ),
+            ),
+            lambda: dict(
+                prompt_embeds=text(32),
+                prompt_attention_mask=torch.ones(1, TEXT_LEN),
+                guidance_scale=1.0,
+                height=16,
+                width=16,
+                output_type="np",
+            ),
+        ),
+    ),
 )
 
 
 def _mochi_inputs(batch, t):
-    return (), dict(hidden_states=_randn(batch, 12, 2, 8, 8), encoder_hidden_states=text(32, batch), timestep=t,
-                    encoder_attention_mask=torch.ones(batch, TEXT_LEN), attention_kwargs=None, return_dict=False)
+    return (), dict(
+        hidden_states=_randn(batch, 12, 2, 8, 8),
+        encoder_hidden_states=text(32, batch),
+        timestep=t,
+        encoder_attention_mask=torch.ones(batch, TEXT_LEN),
+        attention_kwargs=None,
+        return_dict=False,
+    )
 
 
 def tiny_mochi_vae() -> nn.Module:
-    """An AutoencoderKLMochi of width 32 (its GroupNorms have 32 groups), 12 latent channels (MochiPipeline hard-codes 12): spatial factor 8, temporal factor 6."""
+    """An AutoencoderKLMochi of width 32 (its GroupNorms have 32 groups) and 12 latent channels (MochiPipeline
+    hard-codes 12): spatial factor 8, temporal factor 6."""
     torch.manual_seed(0)
     return diffusers.AutoencoderKLMochi(
-        latent_channels=12, encoder_block_out_channels=(32, 32, 32, 32), decoder_block_out_channels=(32, 32, 32, 32),
-        layers_per_block=(1, 1, 1, 1, 1), add_attention_block=(False,) * 5, latents_mean=(0.0,) * 12,
-        latents_std=(1.0,) * 12).eval()
+        latent_channels=12,
+        encoder_block_out_channels=(32, 32, 32, 32),
+        decoder_block_out_channels=(32, 32, 32, 32),
+        layers_per_block=(1, 1, 1, 1, 1),
+        add_attention_block=(False,) * 5,
+        latents_mean=(0.0,) * 12,
+        latents_std=(1.0,) * 12,
+    ).eval()
 
 
 MOCHI = Family(
     name="Mochi",
     model_cls="MochiTransformer3DModel",
-    config=dict(patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=2, pooled_projection_dim=16,
-                in_channels=12, text_embed_dim=32, time_embed_dim=4, max_sequence_length=TEXT_LEN),
-    blocks=(BlockSpec(r"transformer_blocks\.\d+", "MochiTransformerBlock",
-                      ("hidden_states", "encoder_hidden_states", "temb", "encoder_attention_mask", "image_rotary_emb"),
-                      "hidden_states", "keyword", 0, True,
-                      note="returns (hidden_states, encoder_hidden_states): image first; the last block is "
-                           "context_pre_only (no text residual update)"),),
+    config=dict(
+        patch_size=2,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=2,
+        pooled_projection_dim=16,
+        in_channels=12,
+        text_embed_dim=32,
+        time_embed_dim=4,
+        max_sequence_length=TEXT_LEN,
+    ),
+    blocks=(
+        BlockSpec(
+            r"transformer_blocks\.\d+",
+            "MochiTransformerBlock",
+            ("hidden_states", "encoder_hidden_states", "temb", "encoder_attention_mask", "image_rotary_emb"),
+            "hidden_states",
+            "keyword",
+            0,
+            True,
+            note="returns (hidden_states, encoder_hidden_states): image first; the last block is "
+            "context_pre_only (no text residual update)",
+        ),
+    ),
     timestep=(2, "timestep"),
     make_inputs=_mochi_inputs,
-    pipelines=(PipelineSpec(
-        "MochiPipeline", "one_minus_sigma1000",
-        "pipelines/mochi/pipeline_mochi.py:617-650: sigmas = linear_quadratic_schedule(n, 0.025) and the scheduler "
-        "inverts them (invert_sigmas=True); timestep = t.expand(B) is (1 - sigma) * 1000: 1000 = data",
-        lambda tr: build("MochiPipeline", transformer=tr, vae=tiny_mochi_vae(),
-                         scheduler=scheduler("FlowMatchEulerDiscreteScheduler", invert_sigmas=True)),
-        lambda: dict(prompt_embeds=text(32), prompt_attention_mask=torch.ones(1, TEXT_LEN), guidance_scale=1.0,
-                     height=64, width=64, num_frames=7, output_type="np")),),
+    pipelines=(
+        PipelineSpec(
+            "MochiPipeline",
+            "one_minus_sigma1000",
+            "pipelines/mochi/pipeline_mochi.py:617-650: sigmas = linear_quadratic_schedule(n, 0.025) and the scheduler "
+            "inverts them (invert_sigmas=True); timestep = t.expand(B) is (1 - sigma) * 1000: 1000 = data",
+            lambda tr: build(
+                "MochiPipeline",
+                transformer=tr,
+                vae=tiny_mochi_vae(),
+                scheduler=scheduler("FlowMatchEulerDiscreteScheduler", invert_sigmas=True),
+            ),
+            lambda: dict(
+                prompt_embeds=text(32),
+                prompt_attention_mask=torch.ones(1, TEXT_LEN),
+                guidance_scale=1.0,
+                height=64,
+                width=64,
+                num_frames=7,
+                output_type="np",
+            ),
+        ),
+    ),
 )
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Registry
 
-FAMILIES: tuple[Family, ...] = (DIT, PIXART, SD3, FLUX, AURAFLOW, HUNYUAN_DIT, SANA, SANA_SPRINT, LUMINA_NEXT, LUMINA2,
-                                COGVIDEOX, LTX, WAN, COGVIEW4, CHROMA, MOCHI)
+FAMILIES: tuple[Family, ...] = (
+    DIT,
+    PIXART,
+    SD3,
+    FLUX,
+    AURAFLOW,
+    HUNYUAN_DIT,
+    SANA,
+    SANA_SPRINT,
+    LUMINA_NEXT,
+    LUMINA2,
+    COGVIDEOX,
+    LTX,
+    WAN,
+    COGVIEW4,
+    CHROMA,
+    MOCHI,
+)
 
 
 def probe_blocks(family: Family, model: nn.Module, t) -> dict[str, dict]:
@@ -888,7 +1589,7 @@ def probe_blocks(family: Family, model: nn.Module, t) -> dict[str, dict]:
     name -> {"args": positional args, "kwargs": keyword args, "out": the block's output}, first call only."""
     seen: dict[str, dict] = {}
     handles = []
-    for name, spec in family.block_names(model).items():
+    for name in family.block_names(model):
         module = model.get_submodule(name)
 
         def hook(mod, args, kwargs, out, name=name):
@@ -912,12 +1613,13 @@ def stream_out(spec: BlockSpec, out) -> torch.Tensor:
     """The stream element of a block's output."""
     return out if spec.returns is None else out[spec.returns]
 
+
 # Transformer classes of the installed diffusers whose forward takes a timestep, not declared above, and why.
 _NOT_IMAGE = "not an image/video denoiser routed by DTR's paper setting: "
 _LATER = "image/video DiT not declared in this pass (time); "
 LEFT_OUT: dict[str, str] = {
     "Transformer2DModel": "the U-Nets' spatial transformer (and legacy DiT/PixArt loader): routed through the "
-                          "UNet2DConditionModel gate adapter, not as a family",
+    "UNet2DConditionModel gate adapter, not as a family",
     "TransformerTemporalModel": "temporal sub-block of video U-Nets (AnimateDiff/SVD): a U-Net part, not a family",
     "PriorTransformer": _NOT_IMAGE + "unCLIP prior over CLIP image embeddings (Kandinsky 2.x, Shap-E)",
     "T5FilmDecoder": _NOT_IMAGE + "spectrogram diffusion (music)",

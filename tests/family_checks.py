@@ -139,7 +139,7 @@ def _with_stream(spec: F.BlockSpec, args: tuple, kwargs: dict, value: torch.Tens
     if spec.stream in kwargs:
         return args, {**kwargs, spec.stream: value}
     i = spec.params.index(spec.stream)
-    return args[:i] + (value,) + args[i + 1:], kwargs
+    return args[:i] + (value,) + args[i + 1 :], kwargs
 
 
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -195,8 +195,9 @@ class Case:
     def image_rows(self, name: str) -> Callable | None:
         """For a block on a joined [text; image] stream: (x, state) -> (B, L) bool, the image tokens; else None."""
         if self.name == "Lumina 2":  # [caption_i; image; padding], caption lengths per sample
-            return lambda x, s: _rows(x, s.text if not name.startswith("noise_refiner") else torch.zeros_like(s.text),
-                                      IMAGE_TOKENS)
+            return lambda x, s: _rows(
+                x, s.text if not name.startswith("noise_refiner") else torch.zeros_like(s.text), IMAGE_TOKENS
+            )
         if self.name in ("AuraFlow", "Chroma") and name.startswith("single_transformer_blocks"):
             return lambda x, s: _rows(x, torch.full((x.shape[0],), x.shape[1] - IMAGE_TOKENS), IMAGE_TOKENS)
         return None
@@ -234,18 +235,33 @@ def reference_model(case: Case, state: State) -> nn.Module:
 def _unet2d() -> nn.Module:
     torch.manual_seed(0)
     model = diffusers.UNet2DModel(
-        sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
-        norm_num_groups=4, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=4)
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=4,
+    )
     return F.perturb(model).eval()
 
 
 def _unet2d_condition() -> nn.Module:
     torch.manual_seed(0)
     model = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-        norm_num_groups=4, cross_attention_dim=16, attention_head_dim=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        cross_attention_dim=16,
+        attention_head_dim=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    )
     return F.perturb(model).eval()
 
 
@@ -255,32 +271,63 @@ def _unet_inputs(channels: int, text: bool):
         t = t.expand(batch) if t.ndim == 0 else t
         kwargs = {"encoder_hidden_states": F.text(16, batch)} if text else {}
         return (F._randn(batch, channels, 8, 8), t), kwargs
+
     return inputs
 
 
 UNET_PIPELINES = {
-    "UNet2D": (F.PipelineSpec(
-        "DDPMPipeline", "index", "pipelines/ddpm/pipeline_ddpm.py: self.unet(image, t).sample (scheduler.timesteps)",
-        lambda unet: F.build("DDPMPipeline", unet=unet, scheduler=F.scheduler("DDPMScheduler")),
-        lambda: dict(batch_size=1, output_type="np")),),
-    "UNet2DCondition": (F.PipelineSpec(
-        "StableDiffusionPipeline", "index",
-        "pipelines/stable_diffusion/pipeline_stable_diffusion.py: self.unet(latent_model_input, t, ...)",
-        lambda unet: F.build("StableDiffusionPipeline", unet=unet, vae=F.tiny_vae(),
-                             scheduler=F.scheduler("DDIMScheduler", steps_offset=1),
-                             requires_safety_checker=False),
-        lambda: dict(prompt_embeds=F.text(16), guidance_scale=1.0, height=16, width=16, output_type="np")),),
+    "UNet2D": (
+        F.PipelineSpec(
+            "DDPMPipeline",
+            "index",
+            "pipelines/ddpm/pipeline_ddpm.py: self.unet(image, t).sample (scheduler.timesteps)",
+            lambda unet: F.build("DDPMPipeline", unet=unet, scheduler=F.scheduler("DDPMScheduler")),
+            lambda: dict(batch_size=1, output_type="np"),
+        ),
+    ),
+    "UNet2DCondition": (
+        F.PipelineSpec(
+            "StableDiffusionPipeline",
+            "index",
+            "pipelines/stable_diffusion/pipeline_stable_diffusion.py: self.unet(latent_model_input, t, ...)",
+            lambda unet: F.build(
+                "StableDiffusionPipeline",
+                unet=unet,
+                vae=F.tiny_vae(),
+                scheduler=F.scheduler("DDIMScheduler", steps_offset=1),
+                requires_safety_checker=False,
+            ),
+            lambda: dict(prompt_embeds=F.text(16), guidance_scale=1.0, height=16, width=16, output_type="np"),
+        ),
+    ),
 }
 
 CASES: dict[str, Case] = {
-    f.name: Case(f.name, f.model_cls, f.make, f.inputs, f.pipelines[0].convention, f.timestep_dtype, f.pipelines, f,
-                 f.timestep[0])
+    f.name: Case(
+        f.name,
+        f.model_cls,
+        f.make,
+        f.inputs,
+        f.pipelines[0].convention,
+        f.timestep_dtype,
+        f.pipelines,
+        f,
+        f.timestep[0],
+    )
     for f in F.FAMILIES
 }
-CASES["UNet2D"] = Case("UNet2D", "UNet2DModel", _unet2d, _unet_inputs(3, False), "index", torch.int64,
-                       UNET_PIPELINES["UNet2D"])
-CASES["UNet2DCondition"] = Case("UNet2DCondition", "UNet2DConditionModel", _unet2d_condition, _unet_inputs(4, True),
-                                "index", torch.int64, UNET_PIPELINES["UNet2DCondition"])
+CASES["UNet2D"] = Case(
+    "UNet2D", "UNet2DModel", _unet2d, _unet_inputs(3, False), "index", torch.int64, UNET_PIPELINES["UNet2D"]
+)
+CASES["UNet2DCondition"] = Case(
+    "UNet2DCondition",
+    "UNet2DConditionModel",
+    _unet2d_condition,
+    _unet_inputs(4, True),
+    "index",
+    torch.int64,
+    UNET_PIPELINES["UNet2DCondition"],
+)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -297,7 +344,8 @@ def outputs_and_grads(case: Case, model: nn.Module, t, batch: int = 2, state: St
     grads = {}
     for n, p in model.named_parameters():
         grads[n.replace("._ref_inner", "").removeprefix("_orig_mod.")] = (
-            p.grad.clone() if p.grad is not None else torch.zeros_like(p))
+            p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+        )
     return out.detach(), grads
 
 
@@ -352,8 +400,12 @@ def check_reference(case: Case) -> str:
     routed = case.make()
     dtr.wrap(routed)
     state = State()
-    _equal(outputs_and_grads(case, routed, case.mid()), outputs_and_grads(case, reference_model(case, state),
-           case.mid(), state=state), "routed vs hand-written reference", exact=False)
+    _equal(
+        outputs_and_grads(case, routed, case.mid()),
+        outputs_and_grads(case, reference_model(case, state), case.mid(), state=state),
+        "routed vs hand-written reference",
+        exact=False,
+    )
     return "✓"
 
 
@@ -430,7 +482,8 @@ def check_pipelines(case: Case) -> str:
         routing = dtr.wrap(model)
         seen = []
         handle = routing.routed[0].module.register_forward_hook(
-            lambda *a, seen=seen, routing=routing: seen.append(routing.current_tasks().clone()))
+            lambda *a, seen=seen, routing=routing: seen.append(routing.current_tasks().clone())
+        )
         with F.record_timesteps(model, case.timestep_position, "timestep") as raw, torch.no_grad():
             pipe(num_inference_steps=2, generator=torch.Generator().manual_seed(0), **spec.run_kwargs())
         handle.remove()
@@ -447,15 +500,23 @@ def check_pipelines(case: Case) -> str:
             steps.append("/".join(str(v) for v in sorted(set(tasks.flatten().tolist()))))
         assert int(steps[0].split("/")[-1]) > int(steps[1].split("/")[-1]), "the first step is the noisier task"
         per_token = f" per token {tuple(raw[0].shape)}" if spec.per_token else ""
-        cells.append(f"{spec.cls}{' (expand_timesteps)' if 'expand_timesteps' in spec.source else ''}: "
-                     f"{' → '.join(steps)}{per_token}")
+        cells.append(
+            f"{spec.cls}{' (expand_timesteps)' if 'expand_timesteps' in spec.source else ''}: "
+            f"{' → '.join(steps)}{per_token}"
+        )
     return "<br>".join(cells)
 
 
 CHECKS: dict[str, Callable[[Case], str]] = {
-    "default wrap": check_default_wrap, "ratio 1.0 = unrouted": check_ratio_one, "= reference": check_reference,
-    "≠ unrouted": check_differs, "batch independent": check_batch, "grads finite": check_grads,
-    "grad checkpointing": check_checkpointing, "save/load": check_save_load, "compile = eager": check_compile,
+    "default wrap": check_default_wrap,
+    "ratio 1.0 = unrouted": check_ratio_one,
+    "= reference": check_reference,
+    "≠ unrouted": check_differs,
+    "batch independent": check_batch,
+    "grads finite": check_grads,
+    "grad checkpointing": check_checkpointing,
+    "save/load": check_save_load,
+    "compile = eager": check_compile,
     "pipeline tasks": check_pipelines,
 }
 
@@ -473,11 +534,21 @@ def result(name: str, check: str) -> str:
 # --------------------------------------------------------------------------------------------------------------
 # The two tables of docs/adapters.md
 
-ROUTING_HEADER = ("| family | model class | default wrap | routed blocks (class) | stream in → out | "
-                  "timestep kind | pipeline: tasks its routed blocks see at 2 steps |\n|---|---|---|---|---|---|---|")
-CHECK_COLUMNS = ("ratio 1.0 = unrouted", "= reference", "≠ unrouted", "batch independent", "grads finite",
-                 "grad checkpointing", "save/load", "compile = eager")
-CHECKS_HEADER = ("| family | " + " | ".join(CHECK_COLUMNS) + " |\n|---|" + "---|" * len(CHECK_COLUMNS))
+ROUTING_HEADER = (
+    "| family | model class | default wrap | routed blocks (class) | stream in → out | "
+    "timestep kind | pipeline: tasks its routed blocks see at 2 steps |\n|---|---|---|---|---|---|---|"
+)
+CHECK_COLUMNS = (
+    "ratio 1.0 = unrouted",
+    "= reference",
+    "≠ unrouted",
+    "batch independent",
+    "grads finite",
+    "grad checkpointing",
+    "save/load",
+    "compile = eager",
+)
+CHECKS_HEADER = "| family | " + " | ".join(CHECK_COLUMNS) + " |\n|---|" + "---|" * len(CHECK_COLUMNS)
 
 
 def _stream(io) -> str:
@@ -499,10 +570,13 @@ def routing_row(name: str) -> str:
         pattern = re.sub(r"^(down_blocks|up_blocks|mid_block)(\.N)?\.", "*.", pattern)  # U-Nets: every level
         classes.setdefault((pattern, type(r.module).__name__), routing.spec.io_for(r.module))
     blocks = "<br>".join(f"`{p}` ({c})" for p, c in classes)
-    streams = "<br>".join("gate on channel axis 1" if routing.spec.placement == "gate" else _stream(io)
-                          for io in classes.values())
-    return (f"| {name} | `{case.model_cls}` | {result(name, 'default wrap')} | {blocks} | {streams} | "
-            f"`{routing.spec.timestep_kind}` | {result(name, 'pipeline tasks')} |")
+    streams = "<br>".join(
+        "gate on channel axis 1" if routing.spec.placement == "gate" else _stream(io) for io in classes.values()
+    )
+    return (
+        f"| {name} | `{case.model_cls}` | {result(name, 'default wrap')} | {blocks} | {streams} | "
+        f"`{routing.spec.timestep_kind}` | {result(name, 'pipeline tasks')} |"
+    )
 
 
 def checks_row(name: str) -> str:
@@ -510,18 +584,24 @@ def checks_row(name: str) -> str:
 
 
 def tables() -> tuple[str, str]:
-    return (ROUTING_HEADER + "\n" + "\n".join(routing_row(n) for n in CASES),
-            CHECKS_HEADER + "\n" + "\n".join(checks_row(n) for n in CASES))
+    return (
+        ROUTING_HEADER + "\n" + "\n".join(routing_row(n) for n in CASES),
+        CHECKS_HEADER + "\n" + "\n".join(checks_row(n) for n in CASES),
+    )
 
 
-MARKERS = ("<!-- families-routing -->", "<!-- /families-routing -->", "<!-- families-checks -->",
-           "<!-- /families-checks -->")
+MARKERS = (
+    "<!-- families-routing -->",
+    "<!-- /families-routing -->",
+    "<!-- families-checks -->",
+    "<!-- /families-checks -->",
+)
 
 
 def doc_tables(text: str) -> tuple[str, str]:
     """The two generated tables as they stand in docs/adapters.md."""
     a, b, c, d = (text.index(m) for m in MARKERS)
-    return text[a + len(MARKERS[0]):b].strip(), text[c + len(MARKERS[2]):d].strip()
+    return text[a + len(MARKERS[0]) : b].strip(), text[c + len(MARKERS[2]) : d].strip()
 
 
 def write_doc() -> None:

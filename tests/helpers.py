@@ -81,8 +81,18 @@ class FinalLayer(nn.Module):
 class DiT(nn.Module):
     """Class-conditional DiT: patchify, blocks conditioned on t + y, final layer, unpatchify (learned sigma)."""
 
-    def __init__(self, input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=3, num_heads=4,
-                 mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=10):
+    def __init__(
+        self,
+        input_size=8,
+        patch_size=2,
+        in_channels=4,
+        hidden_size=32,
+        depth=3,
+        num_heads=4,
+        mlp_ratio=4.0,
+        class_dropout_prob=0.1,
+        num_classes=10,
+    ):
         super().__init__()
         self.patch_size, self.in_channels, self.out_channels = patch_size, in_channels, 2 * in_channels
         self.num_classes, self.class_dropout_prob = num_classes, class_dropout_prob
@@ -258,32 +268,63 @@ def unet2d(seed=0):
     from diffusers import UNet2DModel
 
     torch.manual_seed(seed)
-    return perturbed(UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=4, attention_head_dim=8,
-    ), seed, 0.1)
+    return perturbed(
+        UNet2DModel(
+            sample_size=8,
+            in_channels=1,
+            out_channels=1,
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+            up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+            norm_num_groups=4,
+            attention_head_dim=8,
+        ),
+        seed,
+        0.1,
+    )
 
 
 def unet_cond(seed=0):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    return perturbed(UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        norm_num_groups=4, cross_attention_dim=12, attention_head_dim=4,
-    ), seed, 0.1)
+    return perturbed(
+        UNet2DConditionModel(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            norm_num_groups=4,
+            cross_attention_dim=12,
+            attention_head_dim=4,
+        ),
+        seed,
+        0.1,
+    )
 
 
 def diffusers_dit(seed=0):
     from diffusers import DiTTransformer2DModel
 
     torch.manual_seed(seed)
-    return perturbed(DiTTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, num_layers=2,
-        sample_size=8, patch_size=2, num_embeds_ada_norm=10,
-    ), seed, 0.1)
+    return perturbed(
+        DiTTransformer2DModel(
+            num_attention_heads=2,
+            attention_head_dim=8,
+            in_channels=4,
+            out_channels=4,
+            num_layers=2,
+            sample_size=8,
+            patch_size=2,
+            num_embeds_ada_norm=10,
+        ),
+        seed,
+        0.1,
+    )
 
 
 def unet2d_call(model, t, seed=1, batch=4):

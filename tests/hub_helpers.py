@@ -33,17 +33,38 @@ def perturbed(model, seed: int, scale: float = 0.1):
 def unet2d(seed: int = 0) -> UNet2DModel:
     """A 1-channel 8x8 UNet2DModel with an attention block: both routed kinds (ResNet and attention norms)."""
     torch.manual_seed(seed)
-    return perturbed(UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-                                 layers_per_block=1, norm_num_groups=4, attention_head_dim=8,
-                                 down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                                 up_block_types=("AttnUpBlock2D", "UpBlock2D")), seed)
+    return perturbed(
+        UNet2DModel(
+            sample_size=8,
+            in_channels=1,
+            out_channels=1,
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            norm_num_groups=4,
+            attention_head_dim=8,
+            down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+            up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        ),
+        seed,
+    )
 
 
 def dit(seed: int = 0) -> DiTTransformer2DModel:
     """A 2-layer class-conditional DiTTransformer2DModel on 8x8 latents."""
     torch.manual_seed(seed)
-    return perturbed(DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
-                                           num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=10), seed)
+    return perturbed(
+        DiTTransformer2DModel(
+            num_attention_heads=2,
+            attention_head_dim=8,
+            in_channels=4,
+            out_channels=4,
+            num_layers=2,
+            sample_size=8,
+            patch_size=2,
+            num_embeds_ada_norm=10,
+        ),
+        seed,
+    )
 
 
 def unet2d_call(model, t=INDEX_T, seed: int = 1) -> torch.Tensor:
@@ -57,7 +78,10 @@ def dit_call(model, t=INDEX_T, seed: int = 1) -> torch.Tensor:
     return model(x, timestep=t, class_labels=torch.arange(len(t)) % 10).sample
 
 
-MODELS = {"UNet2DModel": (UNet2DModel, unet2d, unet2d_call), "DiTTransformer2DModel": (DiTTransformer2DModel, dit, dit_call)}
+MODELS = {
+    "UNet2DModel": (UNet2DModel, unet2d, unet2d_call),
+    "DiTTransformer2DModel": (DiTTransformer2DModel, dit, dit_call),
+}
 
 
 def trained(make, call, steps: int = 3, **wrap_kwargs):
@@ -83,8 +107,9 @@ def publish(folder, cache_dir, repo_id: str, revision: str = "main") -> str:
     repo = os.path.join(cache_dir, "models--" + repo_id.replace("/", "--"))
     files = sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, names in os.walk(folder) for f in names)
     contents = {rel: Path(folder, rel).read_bytes() for rel in files}
-    commit = hashlib.sha1(repr((revision, sorted((k, hashlib.sha256(v).hexdigest()) for k, v in contents.items())))
-                          .encode()).hexdigest()
+    commit = hashlib.sha1(
+        repr((revision, sorted((k, hashlib.sha256(v).hexdigest()) for k, v in contents.items()))).encode()
+    ).hexdigest()
     os.makedirs(os.path.join(repo, "blobs"), exist_ok=True)
     for rel, data in contents.items():
         blob = hashlib.sha256(data).hexdigest()

@@ -14,7 +14,17 @@ import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from helpers import (
-    INDEX_T, T, DiT, diffusers_dit, dit_call, gate_names_unet, perturbed, reference, unet2d, unet2d_call, unet_cond,
+    INDEX_T,
+    DiT,
+    T,
+    diffusers_dit,
+    dit_call,
+    gate_names_unet,
+    perturbed,
+    reference,
+    unet2d,
+    unet2d_call,
+    unet_cond,
     unet_cond_call,
 )
 from hypothesis import HealthCheck, given, settings
@@ -51,8 +61,14 @@ UNIT_T = torch.tensor([1.0, 0.0, 0.5, 0.9637])
 FAMILIES = {
     "UNet2DModel": (unet2d, unet2d_call, "gate", gate_names_unet, INDEX_T, INDEX_T),
     "UNet2DConditionModel": (unet_cond, unet_cond_call, "gate", gate_names_unet, INDEX_T, INDEX_T),
-    "DiTTransformer2DModel": (diffusers_dit, dit_call, "residual",
-                              lambda m: [f"transformer_blocks.{i}" for i in range(2)], INDEX_T, INDEX_T),
+    "DiTTransformer2DModel": (
+        diffusers_dit,
+        dit_call,
+        "residual",
+        lambda m: [f"transformer_blocks.{i}" for i in range(2)],
+        INDEX_T,
+        INDEX_T,
+    ),
     # SiT: t = 1 is data (task 0); round((1 - 0.9637) * 999) = round(36.26) = 36
     "SiT": (sit, sit_call, "residual", lambda m: ["blocks.0", "blocks.1"], UNIT_T, torch.tensor([0, 999, 500, 36])),
 }
@@ -62,8 +78,10 @@ FAMILIES = {
 
 
 ADAPTER_NAMES = {
-    "UNet2DModel": "diffusers UNet2DModel", "UNet2DConditionModel": "diffusers UNet2DConditionModel",
-    "DiTTransformer2DModel": "diffusers DiTTransformer2DModel", "SiT": "SiT (t = 1 is data)",
+    "UNet2DModel": "diffusers UNet2DModel",
+    "UNet2DConditionModel": "diffusers UNet2DConditionModel",
+    "DiTTransformer2DModel": "diffusers DiTTransformer2DModel",
+    "SiT": "SiT (t = 1 is data)",
 }
 
 
@@ -119,7 +137,8 @@ def test_each_gated_norm_runs_in_the_call_with_its_samples_tasks_at_every_width(
     seen = {}
     for n in names:
         model.get_submodule(n).register_forward_hook(
-            lambda m, a, o, n=n: seen.__setitem__(n, (routing.current_tasks().clone(), o.shape[1])))
+            lambda m, a, o, n=n: seen.__setitem__(n, (routing.current_tasks().clone(), o.shape[1]))
+        )
     with torch.no_grad():
         call(model, t)
     assert sorted(seen) == sorted(names)
@@ -145,7 +164,9 @@ def routed_rows(model, name):
     routing = dtr.wrap(model, sharing_ratio=0.5, alpha=1.0)  # a wide moving window
     rows = active_channels_after(model, name)
     tasks = {}
-    model.get_submodule(name).register_forward_hook(lambda m, a, o: tasks.__setitem__("t", routing.current_tasks().clone()))
+    model.get_submodule(name).register_forward_hook(
+        lambda m, a, o: tasks.__setitem__("t", routing.current_tasks().clone())
+    )
     return lambda: (tasks["t"].expand(rows().shape[0]), rows())
 
 
@@ -241,7 +262,11 @@ def test_continuous_time_maps_onto_tasks_in_the_stated_direction(u, repa):
         ("UNet2DModel", -0.25, r"timesteps must be in \[0, 1000\]"),
         ("DiTTransformer2DModel", torch.tensor([0, 1, 2, 1000]), r"timesteps must be in \[0, 1000\)"),
         ("DiTTransformer2DModel", torch.tensor([0.0, 1.0, float("nan"), 3.0]), r"timesteps must be in \[0, 1000\]"),
-        ("SiT", torch.tensor([0.0, 1.0, 1.001, 0.5]), r"timesteps must be in \[0, 1\] \(timestep_kind='unit_reversed'\)"),
+        (
+            "SiT",
+            torch.tensor([0.0, 1.0, 1.001, 0.5]),
+            r"timesteps must be in \[0, 1\] \(timestep_kind='unit_reversed'\)",
+        ),
         ("SiT", torch.tensor([0.0, 1.0, -0.01, 0.5]), r"timesteps must be in \[0, 1\]"),
         ("SiT", torch.tensor([0.0, 1.0, 500.0, 0.5]), r"timesteps must be in \[0, 1\]"),
     ],
@@ -265,7 +290,9 @@ def test_ddpm_pipeline_generates_with_a_routed_unet_and_routes_each_step():
     model.register_forward_hook(lambda m, a, o: steps.append(rows()))
     pipe = DDPMPipeline(unet=model, scheduler=DDPMScheduler(num_train_timesteps=T))
     pipe.set_progress_bar_config(disable=True)
-    images = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=4, output_type="np").images
+    images = pipe(
+        batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=4, output_type="np"
+    ).images
     assert images.shape == (2, 8, 8, 1) and np.isfinite(images).all()
     timesteps = pipe.scheduler.timesteps.tolist()
     assert timesteps == [750, 500, 250, 0] and len(steps) == 4
@@ -389,7 +416,9 @@ def test_unknown_architecture_in_one_line_and_clear_errors():
     torch.manual_seed(0)
     model = Unknown()
     x, cond, step = torch.randn(2, 5, 3), torch.randn(2, 1, 16), torch.tensor([0, 999])
-    with pytest.raises(ValueError, match=r"does not know where to route a Unknown: pass blocks=.*timestep_arg=.*timestep_module="):
+    with pytest.raises(
+        ValueError, match=r"does not know where to route a Unknown: pass blocks=.*timestep_arg=.*timestep_module="
+    ):
         dtr.wrap(model)
     routing = dtr.wrap(model, blocks=r"stages\.\d+", timestep_module="time", timestep_arg=0)
     ref = reference(model, ["stages.0", "stages.1"], "residual", step)
@@ -408,13 +437,17 @@ def test_unknown_architecture_in_one_line_and_clear_errors():
 def test_residual_placement_refuses_a_shape_changing_unet_block_by_name():
     model = unet2d()
     dtr.wrap(model, blocks=["up_blocks.1.resnets.0"], placement="residual", channel_axis=1)
-    with pytest.raises(ValueError, match="output stream has its input's shape; 'up_blocks.1.resnets.0' maps"):
-        with torch.no_grad():
-            unet2d_call(model, INDEX_T)
+    with (
+        pytest.raises(ValueError, match="output stream has its input's shape; 'up_blocks.1.resnets.0' maps"),
+        torch.no_grad(),
+    ):
+        unet2d_call(model, INDEX_T)
 
 
 def test_explicit_timestep_kind_on_a_dit_shaped_model():
-    model = perturbed(DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=4, num_classes=10))
+    model = perturbed(
+        DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=4, num_classes=10)
+    )
     routing = dtr.wrap(model, timestep_kind="unit_reversed")
     assert routing.spec.adapter == "DiT" and routing.spec.timestep_kind == "unit_reversed"
     t = torch.tensor([1.0, 0.0, 0.25, 0.75])

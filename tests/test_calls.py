@@ -8,12 +8,12 @@ import weakref
 
 import pytest
 import torch
+from helpers import dtr_masks, inputs, reference_forward, tiny_dit
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import dtr
-from helpers import dtr_masks, inputs, reference_forward, tiny_dit
 
 T = 1000
 
@@ -65,7 +65,12 @@ def test_threads_sharing_one_model_each_get_their_own_timesteps(threads, fast_sw
     model = routed_dit()
     overlap = count_overlap(model)
     x, _, y = inputs(batch=3)
-    steps = [torch.tensor([0, 0, 0]), torch.tensor([999, 999, 999]), torch.tensor([500, 1, 998]), torch.tensor([37, 250, 640])]
+    steps = [
+        torch.tensor([0, 0, 0]),
+        torch.tensor([999, 999, 999]),
+        torch.tensor([500, 1, 998]),
+        torch.tensor([37, 250, 640]),
+    ]
     want = [reference(model, x, t, y) for t in steps[:threads]]
     wrong, errors = [0] * threads, []
 

@@ -6,9 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import tomllib  # floors.py runs on CI's own Python (3.11); .ci/lowest.sh leaves this file out of its 3.10 run
-
 import pytest
+import tomllib  # floors.py runs on CI's own Python (3.11); .ci/lowest.sh leaves this file out of its 3.10 run
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / ".ci" / "floors.py"
@@ -22,8 +21,12 @@ def floors(pyproject: Path) -> list[str]:
 
 
 def write(tmp_path, dependencies, extras):
-    lines = ["[project]", 'name = "my-pkg"', f"dependencies = {dependencies!r}".replace("'", '"'),
-             "[project.optional-dependencies]"]
+    lines = [
+        "[project]",
+        'name = "my-pkg"',
+        f"dependencies = {dependencies!r}".replace("'", '"'),
+        "[project.optional-dependencies]",
+    ]
     lines += [f"{name} = {reqs!r}".replace("'", '"') for name, reqs in extras.items()]
     path = tmp_path / "pyproject.toml"
     path.write_text("\n".join(lines) + "\n")
@@ -31,8 +34,11 @@ def write(tmp_path, dependencies, extras):
 
 
 def test_core_and_every_extra_pinned_at_their_floor_self_references_skipped(tmp_path):
-    path = write(tmp_path, ["Torch>=2.1", "numpy >= 1.23, <3"],
-                 {"examples": ["einops>=0.7", "torch-fidelity>=0.4"], "dev": ["my-pkg[examples]", "pytest>=7.4"]})
+    path = write(
+        tmp_path,
+        ["Torch>=2.1", "numpy >= 1.23, <3"],
+        {"examples": ["einops>=0.7", "torch-fidelity>=0.4"], "dev": ["my-pkg[examples]", "pytest>=7.4"]},
+    )
     assert floors(path) == ["einops==0.7", "numpy==1.23", "pytest==7.4", "torch==2.1", "torch-fidelity==0.4"]
 
 

@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-
 from helpers import DiT
 
 import dtr

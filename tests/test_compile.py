@@ -8,10 +8,10 @@ import threading
 import pytest
 import torch
 import torch._dynamo
+from helpers import INDEX_T, diffusers_dit, dit_call, inputs, tiny_dit, unet2d, unet2d_call, unet_cond, unet_cond_call
 from torch._dynamo.utils import counters
 
 import dtr
-from helpers import INDEX_T, diffusers_dit, dit_call, inputs, tiny_dit, unet2d, unet2d_call, unet_cond, unet_cond_call
 
 pytestmark = pytest.mark.slow
 
@@ -32,7 +32,10 @@ def fresh_dynamo():
 
 def model_pair(depth=2):
     """Two DiTs of one class with the same weights: one stays unrouted."""
-    base, routed = tiny_dit(depth=depth, hidden_size=16, num_heads=2), tiny_dit(depth=depth, hidden_size=16, num_heads=2)
+    base, routed = (
+        tiny_dit(depth=depth, hidden_size=16, num_heads=2),
+        tiny_dit(depth=depth, hidden_size=16, num_heads=2),
+    )
     for m in (base, routed):
         m.class_dropout_prob = 0.0
     return base, routed
@@ -174,8 +177,11 @@ def test_no_graph_break(mode):
     assert explanation.graph_count == 1
 
 
-FAMILIES = {"UNet2DModel": (unet2d, unet2d_call), "UNet2DConditionModel": (unet_cond, unet_cond_call),
-            "DiTTransformer2DModel": (diffusers_dit, dit_call)}
+FAMILIES = {
+    "UNet2DModel": (unet2d, unet2d_call),
+    "UNet2DConditionModel": (unet_cond, unet_cond_call),
+    "DiTTransformer2DModel": (diffusers_dit, dit_call),
+}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -257,12 +263,14 @@ def test_compiled_model_called_from_two_threads():
 
 def test_our_assume_constant_result_marks_functions_as_torch_does():
     """_compat sets torch's marker itself so that `import dtr` does not import TorchDynamo: the two must agree."""
-    code = ("import sys, dtr; assert 'torch._dynamo' not in sys.modules, 'import dtr imported TorchDynamo'\n"
-            "import torch.compiler\n"
-            "from dtr._compat import assume_constant_result\n"
-            "def ours(): pass\n"
-            "def theirs(): pass\n"
-            "assume_constant_result(ours)  # TorchDynamo not imported: our branch\n"
-            "torch.compiler.assume_constant_result(theirs)  # imports TorchDynamo\n"
-            "assert vars(theirs) and vars(ours) == vars(theirs), (vars(ours), vars(theirs))\n")
+    code = (
+        "import sys, dtr; assert 'torch._dynamo' not in sys.modules, 'import dtr imported TorchDynamo'\n"
+        "import torch.compiler\n"
+        "from dtr._compat import assume_constant_result\n"
+        "def ours(): pass\n"
+        "def theirs(): pass\n"
+        "assume_constant_result(ours)  # TorchDynamo not imported: our branch\n"
+        "torch.compiler.assume_constant_result(theirs)  # imports TorchDynamo\n"
+        "assert vars(theirs) and vars(ours) == vars(theirs), (vars(ours), vars(theirs))\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

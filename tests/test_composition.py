@@ -19,7 +19,16 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.utils.parametrize as parametrize
 from helpers import (
-    DiT, DiTBlock, Residual, T, dtr_masks, free_port, inputs, reference_forward, tiny_dit, untouched,
+    DiT,
+    DiTBlock,
+    Residual,
+    T,
+    dtr_masks,
+    free_port,
+    inputs,
+    reference_forward,
+    tiny_dit,
+    untouched,
 )
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -54,8 +63,11 @@ def outputs_and_grads(model, x, t, y):
         out = model.eval()(x, t, y)
     model.train().zero_grad()
     model(x, t, y).square().mean().backward()
-    grads = {n.replace(".inner", "").replace("._checkpoint_wrapped_module", ""): p.grad.clone()
-             for n, p in model.named_parameters() if p.grad is not None}
+    grads = {
+        n.replace(".inner", "").replace("._checkpoint_wrapped_module", ""): p.grad.clone()
+        for n, p in model.named_parameters()
+        if p.grad is not None
+    }
     return out, grads
 
 
@@ -153,8 +165,9 @@ def accelerate_offload(model):
 def layerwise_casting(model):
     from diffusers.hooks import apply_layerwise_casting
 
-    apply_layerwise_casting(model, storage_dtype=torch.bfloat16, compute_dtype=torch.float32,
-                            skip_modules_pattern=("pos_embed",))
+    apply_layerwise_casting(
+        model, storage_dtype=torch.bfloat16, compute_dtype=torch.float32, skip_modules_pattern=("pos_embed",)
+    )
     return model
 
 
@@ -200,7 +213,9 @@ def test_accelerator_prepare_with_mixed_precision_and_unwrap_after_it(order):
         # facebookresearch/DiT's forward_with_cfg calls self.forward: still one routed call
         xx, tt, yy = torch.cat([x[:2], x[:2]]), torch.cat([t[:2], t[:2]]), torch.tensor([1, 2, 10, 10])
         cfg_reference = prepare(swapped(make(), tt)).eval()
-        torch.testing.assert_close(routed.forward_with_cfg(xx, tt, yy, 1.5), cfg_reference.forward_with_cfg(xx, tt, yy, 1.5))
+        torch.testing.assert_close(
+            routed.forward_with_cfg(xx, tt, yy, 1.5), cfg_reference.forward_with_cfg(xx, tt, yy, 1.5)
+        )
         dtr.unwrap(routed)
         torch.testing.assert_close(routed(x, t, y), prepare(make()).eval()(x, t, y), rtol=0, atol=0)
 
@@ -369,8 +384,10 @@ def full_backward_hook(model):
 
 
 @pytest.mark.parametrize("order", ORDERS)
-@pytest.mark.parametrize("system", [checkpoint_each_block, wrapper_checkpointing, composable_checkpointing,
-                                    new_tensor_pre_hook, full_backward_hook])
+@pytest.mark.parametrize(
+    "system",
+    [checkpoint_each_block, wrapper_checkpointing, composable_checkpointing, new_tensor_pre_hook, full_backward_hook],
+)
 def test_activation_checkpointing_forms(system, order):
     t = inputs(batch=4)[1]
     routed = in_order(order, make(), system)
@@ -393,7 +410,7 @@ def test_one_checkpoint_around_two_blocks():
 
 
 def test_one_input_tensor_fed_to_two_calls_at_different_timesteps_before_one_backward():
-    """Replay by checkpoint region, not by tensor: the same x at t1 and t2, one backward, each recomputed as recorded."""
+    """Replay by region, not by tensor: the same x at t1 and t2, one backward, each recomputed as recorded."""
     model = checkpoint_each_block(make()).train()
     wrap(model)
     x, t1, y = inputs(batch=4)
@@ -405,8 +422,10 @@ def test_one_input_tensor_fed_to_two_calls_at_different_timesteps_before_one_bac
     ref = make().train()
     hr = x.clone().requires_grad_()
     masks = dtr_masks(ref, RATIO, ALPHA)
-    (reference_forward(ref, hr, t1, y, masks).square().mean()
-     + 3 * reference_forward(ref, hr, t2, y, masks).square().mean()).backward()
+    (
+        reference_forward(ref, hr, t1, y, masks).square().mean()
+        + 3 * reference_forward(ref, hr, t2, y, masks).square().mean()
+    ).backward()
     for n, p in ref.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(got[n], p.grad, msg=n, **TOL)
@@ -431,8 +450,9 @@ def test_a_checkpointed_block_recomputed_while_another_call_is_in_progress():
     model(x, torch.tensor([999, 999, 999, 999]), y)
     handle.remove()
     ref = make().train()
-    want = torch.autograd.grad(reference_forward(ref, x, t1, y, dtr_masks(ref, RATIO, ALPHA)).square().mean(),
-                               [ref.blocks[0].qkv.weight])[0]
+    want = torch.autograd.grad(
+        reference_forward(ref, x, t1, y, dtr_masks(ref, RATIO, ALPHA)).square().mean(), [ref.blocks[0].qkv.weight]
+    )[0]
     assert torch.equal(grads_inside["tasks"], torch.full((4,), 999))
     torch.testing.assert_close(grads_inside["g"], want, **TOL)
 
@@ -539,8 +559,11 @@ def _fsdp_worker(rank, world, port, path):
         model.gradient_checkpointing = True
         out = model(x[sl], t[sl], y[sl])
         out.float().square().mean().backward()
-        return out.detach().float(), {n.replace(".inner", ""): p.grad.full_tensor().clone()
-                                      for n, p in model.named_parameters() if p.grad is not None}
+        return out.detach().float(), {
+            n.replace(".inner", ""): p.grad.full_tensor().clone()
+            for n, p in model.named_parameters()
+            if p.grad is not None
+        }
 
     results = {}
     for order in ORDERS:
@@ -669,6 +692,7 @@ def test_routed_classes_of_redefined_user_classes_are_not_kept_alive():
     """A notebook that redefines its model class and re-runs its cell must not accumulate classes."""
     refs = []
     for _ in range(20):
+
         class Cell(nn.Module):  # a new class object each time, as in a re-run cell
             def __init__(self):
                 super().__init__()
@@ -738,6 +762,7 @@ def test_an_interrupt_at_any_module_leaves_no_call_behind():
         want = model(x, t, y)
     places = [(m, kind) for m in model.modules() if not isinstance(m, nn.ModuleList) for kind in ("pre", "post")]
     for module, kind in places:
+
         def stop(*_):
             raise KeyboardInterrupt
 

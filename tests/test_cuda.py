@@ -65,9 +65,11 @@ def test_routed_forward_and_gradients_equal_the_formula_on_cuda(dtype, no_tf32):
 def test_out_of_range_timestep_raises_on_cuda():
     """The range check is asynchronous on CUDA (no host sync per call): it ends the CUDA context, so it runs in
     its own process, and the error must name the range."""
-    code = ("import torch, dtr; from helpers import tiny_dit, inputs\n"
-            "m = dtr.wrap(tiny_dit()).model.cuda(); x, t, y = inputs()\n"
-            "m(x.cuda(), torch.full_like(t, 1000).cuda(), y.cuda()); torch.cuda.synchronize()\n")
+    code = (
+        "import torch, dtr; from helpers import tiny_dit, inputs\n"
+        "m = dtr.wrap(tiny_dit()).model.cuda(); x, t, y = inputs()\n"
+        "m(x.cuda(), torch.full_like(t, 1000).cuda(), y.cuda()); torch.cuda.synchronize()\n"
+    )
     r = subprocess.run([sys.executable, "-c", code], cwd=TESTS, capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
     assert "timesteps outside [0, 1000)" in r.stderr or "device-side assert" in r.stderr, r.stderr[-2000:]
@@ -121,7 +123,11 @@ def test_replicate_and_parallel_apply_route_each_replica_by_its_own_slice():
     with torch.no_grad():
         want = routed(x, t, y)
         replicas = torch.nn.parallel.replicate(routed, devices[:2])
-        halves = [(x[:3].to(f"cuda:{d}"), t[:3].to(f"cuda:{d}"), y[:3].to(f"cuda:{d}")) if i == 0 else
-                  (x[3:].to(f"cuda:{d}"), t[3:].to(f"cuda:{d}"), y[3:].to(f"cuda:{d}")) for i, d in enumerate(devices[:2])]
+        halves = [
+            (x[:3].to(f"cuda:{d}"), t[:3].to(f"cuda:{d}"), y[:3].to(f"cuda:{d}"))
+            if i == 0
+            else (x[3:].to(f"cuda:{d}"), t[3:].to(f"cuda:{d}"), y[3:].to(f"cuda:{d}"))
+            for i, d in enumerate(devices[:2])
+        ]
         outs = torch.nn.parallel.parallel_apply(replicas, halves, devices=devices[:2])
     torch.testing.assert_close(torch.cat([o.to(DEVICE) for o in outs]), want, rtol=1e-5, atol=1e-5)

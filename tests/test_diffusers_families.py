@@ -10,11 +10,10 @@ import importlib
 import inspect
 import pkgutil
 
+import diffusers
 import numpy as np
 import pytest
 import torch
-
-import diffusers
 
 if tuple(int(v) for v in diffusers.__version__.split(".")[:2]) < (0, 42):
     pytest.skip("families, pipelines and source lines are declared against diffusers 0.42", allow_module_level=True)
@@ -185,8 +184,12 @@ def _transformer_classes():
     for info in pkgutil.iter_modules(diffusers.models.transformers.__path__):
         module = importlib.import_module(f"diffusers.models.transformers.{info.name}")
         for cls_name, cls in vars(module).items():
-            if (inspect.isclass(cls) and cls.__module__ == module.__name__ and hasattr(cls, "config_name")
-                    and issubclass(cls, torch.nn.Module)):
+            if (
+                inspect.isclass(cls)
+                and cls.__module__ == module.__name__
+                and hasattr(cls, "config_name")
+                and issubclass(cls, torch.nn.Module)
+            ):
                 params = inspect.signature(cls.forward).parameters
                 if any("time" in p or p == "t" for p in params):
                     found[cls_name] = info.name
@@ -240,8 +243,12 @@ def test_pipeline_passes_the_declared_timesteps(name, index):
             assert value == torch.round(value) and 0 <= value < F.NUM_TASKS
         else:
             sigma = F.flow_sigmas(pipe.scheduler, 2)[step]
-            got = {"sigma1000": value / 1000, "sigma": value, "one_minus_sigma": 1 - value,
-                   "one_minus_sigma1000": 1 - value / 1000}[spec.convention]
+            got = {
+                "sigma1000": value / 1000,
+                "sigma": value,
+                "one_minus_sigma": 1 - value,
+                "one_minus_sigma1000": 1 - value / 1000,
+            }[spec.convention]
             assert abs(got - sigma) <= 1e-3, (got, sigma)  # DPM-Solver/UniPC truncate sigma * 1000 to an integer
         tasks.append(int(F.task_index(value, spec.convention)))
     assert tasks[0] > tasks[1], "the first step is the noisier task"

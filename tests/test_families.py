@@ -11,8 +11,11 @@ import pytest
 import torch
 
 if tuple(int(v) for v in diffusers.__version__.split(".")[:2]) < (0, 42):
-    pytest.skip(f"the families are declared and checked against diffusers 0.42 (installed: {diffusers.__version__}); "
-                "older layouts are checked by tests/test_families_older.py", allow_module_level=True)
+    pytest.skip(
+        f"the families are declared and checked against diffusers 0.42 (installed: {diffusers.__version__}); "
+        "older layouts are checked by tests/test_families_older.py",
+        allow_module_level=True,
+    )
 
 import diffusers_families as F  # noqa: E402
 import family_checks as C  # noqa: E402
@@ -80,9 +83,12 @@ class Record(torch.nn.Module):
         return out
 
 
-DUAL = [("Flux", ["transformer_blocks.0", "single_transformer_blocks.1"]),
-        ("SD3/SD3.5", ["transformer_blocks.0", "transformer_blocks.1"]),
-        ("Chroma", ["transformer_blocks.0"]), ("AuraFlow", ["joint_transformer_blocks.0"])]
+DUAL = [
+    ("Flux", ["transformer_blocks.0", "single_transformer_blocks.1"]),
+    ("SD3/SD3.5", ["transformer_blocks.0", "transformer_blocks.1"]),
+    ("Chroma", ["transformer_blocks.0"]),
+    ("AuraFlow", ["joint_transformer_blocks.0"]),
+]
 
 
 @pytest.mark.parametrize("name,blocks", DUAL)
@@ -100,7 +106,7 @@ def test_dual_stream_blocks_route_the_image_stream_and_return_the_text_stream_as
     with torch.no_grad():
         routed(*_equal_tokens(name, 2, t)[0], **_equal_tokens(name, 2, t)[1])
         for block in blocks:
-            (args, kwargs, (text_out, image_out)), = recorders[block].calls
+            ((args, kwargs, (text_out, image_out)),) = recorders[block].calls
             x, txt = kwargs["hidden_states"], kwargs["encoder_hidden_states"]
             assert x.shape == txt.shape == (2, 16, 16)
             m = C.State(tasks=case.tasks(t)).mask(x)
@@ -125,8 +131,10 @@ def lumina2():
 
 
 @SETTINGS
-@given(lengths=st.lists(st.integers(1, F.TEXT_LEN), min_size=2, max_size=2),
-       sigmas=st.lists(st.floats(0, 1), min_size=2, max_size=2))
+@given(
+    lengths=st.lists(st.integers(1, F.TEXT_LEN), min_size=2, max_size=2),
+    sigmas=st.lists(st.floats(0, 1), min_size=2, max_size=2),
+)
 def test_lumina2_routes_each_samples_image_tokens_behind_its_own_caption(lumina2, lengths, sigmas):
     """Captions of different lengths are padded per sample: the routed model equals the reference that masks
     tokens [caption_i, caption_i + N) of sample i, for any caption lengths and noise levels."""
@@ -151,7 +159,7 @@ def test_a_joined_block_returns_its_text_rows_as_computed():
     plain = case.make().single_transformer_blocks[0]
     with torch.no_grad():
         case.run(routed, t)
-        (args, kwargs, out), = recorder.calls
+        ((args, kwargs, out),) = recorder.calls
         x = kwargs["hidden_states"]
         n_text = x.shape[1] - C.IMAGE_TOKENS
         assert n_text == 8 + F.TEXT_LEN  # 8 register tokens, then the prompt
@@ -182,7 +190,7 @@ def test_hunyuan_long_skip_block_routes_the_residual_it_has():
     model.blocks[3] = recorder
     with torch.no_grad():
         case.run(model, t)
-        (args, kwargs, out), = recorder.calls
+        ((args, kwargs, out),) = recorder.calls
         x, skip = args[0], kwargs["skip"]
         h = block.skip_linear(block.skip_norm(torch.cat([x, skip], -1)))
         torch.testing.assert_close(out, h, rtol=0, atol=1e-6)
@@ -250,8 +258,13 @@ def test_per_token_masks_equal_per_sample_masks_when_tokens_share_a_timestep():
 
 def _pipeline_value(convention, sigma):
     """What a pipeline of `convention` passes at noise level sigma (1 = noise)."""
-    return {"index": round(sigma * 999), "sigma1000": sigma * 1000, "sigma": sigma, "one_minus_sigma": 1 - sigma,
-            "one_minus_sigma1000": (1 - sigma) * 1000}[convention]
+    return {
+        "index": round(sigma * 999),
+        "sigma1000": sigma * 1000,
+        "sigma": sigma,
+        "one_minus_sigma": 1 - sigma,
+        "one_minus_sigma1000": (1 - sigma) * 1000,
+    }[convention]
 
 
 @pytest.fixture(scope="module")
@@ -282,11 +295,24 @@ def test_every_family_reads_its_pipelines_timestep_as_its_noise_level(routed_mod
     assert (seen[0] - round(sigma * 999)).abs().max() <= 1
 
 
-@pytest.mark.parametrize("name,value,task", [
-    ("Flux", 1.0, 999), ("Flux", 0.6128, 612), ("SD3/SD3.5", 1000.0, 999), ("SD3/SD3.5", 8.93, 9),
-    ("Sana", 999.0, 999), ("Sana-Sprint", 1.0000037, 999), ("Lumina-Next", 0.0, 999), ("Lumina 2", 0.999, 1),
-    ("Mochi", 0.0, 999), ("Mochi", 25.0, 975), ("HunyuanDiT", 500.0, 500), ("Wan", 999, 999), ("AuraFlow", 0.003, 3),
-])
+@pytest.mark.parametrize(
+    "name,value,task",
+    [
+        ("Flux", 1.0, 999),
+        ("Flux", 0.6128, 612),
+        ("SD3/SD3.5", 1000.0, 999),
+        ("SD3/SD3.5", 8.93, 9),
+        ("Sana", 999.0, 999),
+        ("Sana-Sprint", 1.0000037, 999),
+        ("Lumina-Next", 0.0, 999),
+        ("Lumina 2", 0.999, 1),
+        ("Mochi", 0.0, 999),
+        ("Mochi", 25.0, 975),
+        ("HunyuanDiT", 500.0, 500),
+        ("Wan", 999, 999),
+        ("AuraFlow", 0.003, 3),
+    ],
+)
 def test_the_values_pipelines_pass_map_to_their_tasks(routed_models, name, value, task):
     """Values recorded from the real 2-step pipelines (docs/adapters.md), including Sana-Sprint's 1 + 3.7e-6."""
     case, model = C.CASES[name], routed_models[name]
@@ -344,14 +370,29 @@ def test_a_wrong_timestep_argument_is_named_with_its_shape():
 
 
 def test_a_model_without_a_timestep_asks_for_blocks_then_for_timestep_arg():
-    uvit = diffusers.UVit2DModel(hidden_size=16, cond_embed_dim=16, micro_cond_encode_dim=4, micro_cond_embed_dim=40,
-                                 encoder_hidden_size=16, vocab_size=17, codebook_size=16, in_channels=16,
-                                 block_out_channels=16, num_res_blocks=1, block_num_heads=2, num_hidden_layers=1,
-                                 num_attention_heads=2, intermediate_size=32)
+    uvit = diffusers.UVit2DModel(
+        hidden_size=16,
+        cond_embed_dim=16,
+        micro_cond_encode_dim=4,
+        micro_cond_embed_dim=40,
+        encoder_hidden_size=16,
+        vocab_size=17,
+        codebook_size=16,
+        in_channels=16,
+        block_out_channels=16,
+        num_res_blocks=1,
+        block_num_heads=2,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+    )
     with pytest.raises(ValueError, match="does not know where to route a UVit2DModel: pass blocks="):
         dtr.wrap(uvit)
-    with pytest.raises(ValueError, match=r"cannot tell which argument of UVit2DModel.forward\(input_ids, "
-                                         r"encoder_hidden_states, .*is the timestep.*pass timestep_arg="):
+    with pytest.raises(
+        ValueError,
+        match=r"cannot tell which argument of UVit2DModel.forward\(input_ids, "
+        r"encoder_hidden_states, .*is the timestep.*pass timestep_arg=",
+    ):
         dtr.wrap(uvit, blocks=r"transformer_layers\.\d+")
     assert dtr.routing_of(uvit) is None
 

@@ -3,14 +3,13 @@ accelerate's prepare / unwrap_model / save_model / save_state / load_state."""
 
 import copy
 
-import pytest
 import torch
 from accelerate import Accelerator
+from helpers import INDEX_T, unet_cond, unet_cond_call
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 
 import dtr
-from helpers import INDEX_T, unet_cond, unet_cond_call
 
 LORA = dict(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
 

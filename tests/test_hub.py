@@ -108,11 +108,14 @@ def test_wrap_writes_the_record_into_the_config_and_unwrap_takes_it_out(tmp_path
     assert KEY not in json.loads((tmp_path / "config.json").read_text())
 
 
-@pytest.mark.parametrize("family, kwargs", [
-    ("UNet2DModel", dict(blocks=r"down_blocks\.1\.resnets\.0\.norm2", placement="gate", sharing_ratio=0.5)),
-    ("UNet2DModel", dict(blocks=["down_blocks.1.resnets.0"], channel_axis=1, sharing_ratio=0.5)),
-    ("DiTTransformer2DModel", dict(method="random", seed=3, sharing_ratio=0.7)),
-])
+@pytest.mark.parametrize(
+    "family, kwargs",
+    [
+        ("UNet2DModel", dict(blocks=r"down_blocks\.1\.resnets\.0\.norm2", placement="gate", sharing_ratio=0.5)),
+        ("UNet2DModel", dict(blocks=["down_blocks.1.resnets.0"], channel_axis=1, sharing_ratio=0.5)),
+        ("DiTTransformer2DModel", dict(method="random", seed=3, sharing_ratio=0.7)),
+    ],
+)
 def test_non_default_routing_settings_survive_save_and_load(tmp_path, family, kwargs):
     """Chosen blocks, gate placement, channel_axis, the random method and its seed all come back from the folder."""
     cls, make, call = MODELS[family]
@@ -129,8 +132,11 @@ def test_wrap_from_config_routes_an_unrouted_copy_the_same_way(tmp_path, source)
     model, routing = trained(unet2d, unet2d_call, steps=1)
     model.save_pretrained(tmp_path)
     copy_ = UNet2DModel.from_pretrained(tmp_path)
-    config = {"Routing.config": routing.config, "record": model.config[KEY],
-              "record after a plain load": copy_.config[KEY]}[source]
+    config = {
+        "Routing.config": routing.config,
+        "record": model.config[KEY],
+        "record after a plain load": copy_.config[KEY],
+    }[source]
     dtr.wrap_from_config(copy_, config)
     assert_routed_as(copy_, model, routing, unet2d_call)
 
@@ -231,7 +237,9 @@ def test_a_component_passed_in_is_kept_and_a_pipeline_with_nothing_routed_is_ref
     with pytest.raises(ValueError, match="no component of the pipeline .*pipe is routed"):
         dtr.from_pretrained(DDPMPipeline, tmp_path / "pipe", unet=unet2d())
     DDPMPipeline(unet=unet2d(), scheduler=DDPMScheduler()).save_pretrained(tmp_path / "plain")
-    with pytest.raises(ValueError, match="no component of the pipeline .*plain is routed.*DDPMPipeline.from_pretrained"):
+    with pytest.raises(
+        ValueError, match="no component of the pipeline .*plain is routed.*DDPMPipeline.from_pretrained"
+    ):
         dtr.from_pretrained(DDPMPipeline, tmp_path / "plain")
 
 
@@ -262,7 +270,10 @@ def test_an_ema_save_of_a_routed_model_keeps_the_routing(tmp_path, diffusers_log
     # diffusers still warns about EMAModel's own keys, and only about those
     assert any("'decay': 0.5" in m for m in diffusers_log) and not any(KEY in m for m in diffusers_log)
     # EMAModel's own loader keeps the record in the config it passes on
-    assert EMAModel.from_pretrained(tmp_path / "unet_ema", model_cls=UNet2DModel).model_config[KEY]["routing"] == routing.config
+    assert (
+        EMAModel.from_pretrained(tmp_path / "unet_ema", model_cls=UNet2DModel).model_config[KEY]["routing"]
+        == routing.config
+    )
 
 
 def test_an_ema_made_before_wrap_saves_unrouted_and_is_refused_with_the_reason(tmp_path):
@@ -312,10 +323,22 @@ def test_a_plainly_loaded_model_keeps_the_record_of_its_weights(tmp_path, diffus
 def format1_file(routing):
     """The dtr_config.json dtr 0.2 wrote beside the weights for ``routing``."""
     c = routing.config
-    return dict(format_version=1, dtr_version="0.2.0", method=c["method"], sharing_ratio=c["sharing_ratio"],
-                alpha=c["alpha"], num_tasks=c["num_tasks"], seed=c["seed"], blocks=c["blocks"],
-                placement=c["placement"], timestep_module="", timestep_arg=[1, "t", "timestep", "timesteps"],
-                timestep_kind=c["timestep_kind"], adapter=c["adapter"], channel_axis=None)
+    return dict(
+        format_version=1,
+        dtr_version="0.2.0",
+        method=c["method"],
+        sharing_ratio=c["sharing_ratio"],
+        alpha=c["alpha"],
+        num_tasks=c["num_tasks"],
+        seed=c["seed"],
+        blocks=c["blocks"],
+        placement=c["placement"],
+        timestep_module="",
+        timestep_arg=[1, "t", "timestep", "timesteps"],
+        timestep_kind=c["timestep_kind"],
+        adapter=c["adapter"],
+        channel_axis=None,
+    )
 
 
 def test_a_dtr_0_2_folder_loads_routed_with_a_warning_and_a_new_save_replaces_its_file(tmp_path):
@@ -360,6 +383,7 @@ def _set(path, value):
         for p in parents:
             data = data[p]
         data[last] = value
+
     return edit
 
 
@@ -369,6 +393,7 @@ def _drop(path):
         for p in parents:
             data = data[p]
         del data[last]
+
     return edit
 
 
@@ -425,7 +450,7 @@ FILE_CASES = [
 def test_a_malformed_dtr_config_json_fails_in_one_line_naming_the_file_and_the_key(tmp_path, text, problem):
     unet2d().save_pretrained(tmp_path)
     (tmp_path / "dtr_config.json").write_text(text)
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(ValueError, match="dtr_config.json") as info:
         dtr.from_pretrained(UNet2DModel, tmp_path)
     message = str(info.value)
     assert "\n" not in message and str(tmp_path / "dtr_config.json") in message and problem in message, message

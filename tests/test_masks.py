@@ -1,6 +1,5 @@
 """dtr.task_masks: the DTR window masks against the paper code's float64 formula, and R-TR masks."""
 
-
 import numpy as np
 import pytest
 import torch
@@ -166,7 +165,9 @@ def test_timesteps_to_tasks_forms():
     assert torch.equal(timesteps_to_tasks(u, T, "unit"), torch.tensor([0, 500, 999]))  # round(499.5) = 500 (even)
     assert torch.equal(timesteps_to_tasks(u, T, "unit_reversed"), torch.tensor([999, 500, 0]))
     # (1 - sigma) * 1000, T = data (Mochi): T - t as a DDPM timestep
-    assert torch.equal(timesteps_to_tasks(torch.tensor([0.0, 250.4, 1000.0]), T, "index_reversed"), torch.tensor([999, 750, 0]))
+    assert torch.equal(
+        timesteps_to_tasks(torch.tensor([0.0, 250.4, 1000.0]), T, "index_reversed"), torch.tensor([999, 750, 0])
+    )
     # one timestep per token, and integer types narrower than int64
     assert torch.equal(timesteps_to_tasks(torch.tensor([[1, 2], [3, 999]]), T), torch.tensor([[1, 2], [3, 999]]))
     for dtype in (torch.uint8, torch.int16, torch.int32):

@@ -61,7 +61,9 @@ def test_channels_first_residual_input_is_refused_until_channel_axis_says_where_
             b.conv = nn.Conv3d(16, 16, 3, padding=1)
     x, t = torch.randn(*shape), torch.tensor([0, 999])
     dtr.wrap(model, blocks=r"blocks\.\d", sharing_ratio=0.5)
-    with pytest.raises(ValueError, match=rf"'blocks.0' takes a {len(shape)}-d input.*channel_axis=1\) for channels first"):
+    with pytest.raises(
+        ValueError, match=rf"'blocks.0' takes a {len(shape)}-d input.*channel_axis=1\) for channels first"
+    ):
         model(x, t)
     dtr.unwrap(model)
     plain = [type(b).forward.__get__(b) for b in model.blocks]
@@ -91,7 +93,9 @@ def test_a_channels_first_3d_block_that_declares_its_width_is_refused():
     model = ConvNet()
     model.blocks = nn.ModuleList([TokensFirst()])
     dtr.wrap(model, blocks=["blocks.0"])
-    with pytest.raises(ValueError, match="the module's width 16 is axis 1: for a channels-first block pass channel_axis=1"):
+    with pytest.raises(
+        ValueError, match="the module's width 16 is axis 1: for a channels-first block pass channel_axis=1"
+    ):
         model(torch.randn(2, 16, 10), torch.tensor([0, 999]))
 
 
@@ -101,7 +105,10 @@ def test_gate_placement_checks_the_axis_it_masks_against_the_module():
     net = LayerNormNet()
     dtr.wrap(net, blocks=["norm"], placement="gate")
     x, t = torch.randn(2, 16, 16), torch.tensor([0, 999])  # 16 tokens of width 16: axis 1 has the width's size too
-    with pytest.raises(ValueError, match="gate placement masks axis 1 of 'norm'.*of size 5, but the module's width is 16: pass channel_axis=-1"):
+    with pytest.raises(
+        ValueError,
+        match="gate placement masks axis 1 of 'norm'.*of size 5, but the module's width is 16: pass channel_axis=-1",
+    ):
         net(torch.randn(2, 5, 16), t)
     dtr.unwrap(net)
     dtr.wrap(net, blocks=["norm"], placement="gate", channel_axis=-1)
@@ -128,15 +135,27 @@ def test_channel_axis_outside_the_tensor_or_the_batch_axis_is_refused(axis):
             dtr.wrap(model, blocks=r"blocks\.\d", channel_axis=0)
         return
     dtr.wrap(model, blocks=r"blocks\.\d", channel_axis=axis)
-    with pytest.raises(ValueError, match=rf"channel_axis={axis} is not a channel axis .* \(allowed: 1 to 3, or -1 to -3\)"):
+    with pytest.raises(
+        ValueError, match=rf"channel_axis={axis} is not a channel axis .* \(allowed: 1 to 3, or -1 to -3\)"
+    ):
         model(x, t)
 
 
 def test_a_score_sde_unet_is_not_routed_until_its_timestep_kind_is_given():
-    model = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-                        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                        norm_num_groups=4, time_embedding_type="fourier")
-    with pytest.raises(ValueError, match="Fourier time embedding takes a noise level sigma.*timestep_kind=.*num_tasks="):
+    model = UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        time_embedding_type="fourier",
+    )
+    with pytest.raises(
+        ValueError, match="Fourier time embedding takes a noise level sigma.*timestep_kind=.*num_tasks="
+    ):
         dtr.wrap(model)
     dtr.wrap(model, timestep_kind="unit")
     x = torch.randn(2, 1, 8, 8)
@@ -160,14 +179,19 @@ def test_cli_help_explains_every_option_without_markup():
     assert r.returncode == 0 and "``" not in r.stdout
     for option in ("--channels", "--sharing-ratio", "--alpha", "--num-tasks", "--method", "--seed", "--out"):
         line = next(i for i, s in enumerate(r.stdout.splitlines()) if s.strip().startswith(option))
-        assert len(" ".join(r.stdout.splitlines()[line:line + 2]).split()) > 3, option  # an option with words after it
+        assert len(" ".join(r.stdout.splitlines()[line : line + 2]).split()) > 3, (
+            option
+        )  # an option with words after it
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--sharing-ratio", "1.5"], "sharing_ratio must be in (0, 1], got 1.5"),
-    (["--channels", "0"], "channels"),
-    (["--alpha", "-1"], "alpha"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--sharing-ratio", "1.5"], "sharing_ratio must be in (0, 1], got 1.5"),
+        (["--channels", "0"], "channels"),
+        (["--alpha", "-1"], "alpha"),
+    ],
+)
 def test_cli_bad_values_exit_2_with_one_line(tmp_path, args, message):
     r = cli("masks", *args, "--out", str(tmp_path / "m.png"))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and message in r.stderr, r.stderr

@@ -97,15 +97,24 @@ class UViT(nn.Module):
 def joined_spec(model):
     if not isinstance(model, Joined):
         return None
-    return RoutingSpec(blocks=("blocks.0", "blocks.1"), io={"Block": BlockIO("x", joined=True, valid="mask")},
-                       timestep_arg="timestep", image_tokens=ImageTokens("image"), adapter="joined toy")
+    return RoutingSpec(
+        blocks=("blocks.0", "blocks.1"),
+        io={"Block": BlockIO("x", joined=True, valid="mask")},
+        timestep_arg="timestep",
+        image_tokens=ImageTokens("image"),
+        adapter="joined toy",
+    )
 
 
 def skip_spec(model):
     if not isinstance(model, UViT):
         return None
-    return RoutingSpec(blocks=("blocks.0", "blocks.1", "blocks.2"), io={"Skip": BlockIO("x", source="merge")},
-                       timestep_arg="t", adapter="uvit toy")
+    return RoutingSpec(
+        blocks=("blocks.0", "blocks.1", "blocks.2"),
+        io={"Skip": BlockIO("x", source="merge")},
+        timestep_arg="t",
+        adapter="uvit toy",
+    )
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -139,8 +148,10 @@ def joined_reference(plain, image, text, t, lengths, padded):
 
 
 @settings(max_examples=10, deadline=None, derandomize=True)
-@given(lengths=st.lists(st.integers(1, 5), min_size=3, max_size=3), tasks=st.lists(st.integers(0, T - 1), min_size=3,
-                                                                                       max_size=3))
+@given(
+    lengths=st.lists(st.integers(1, 5), min_size=3, max_size=3),
+    tasks=st.lists(st.integers(0, T - 1), min_size=3, max_size=3),
+)
 def test_a_joined_stream_routes_each_samples_image_tokens_only(lengths, tasks):
     model = Joined()
     plain = copy.deepcopy(model)
@@ -166,7 +177,7 @@ def test_a_joined_stream_at_ratio_one_is_the_unrouted_model_and_text_rows_are_th
         model.blocks[0].register_forward_hook(lambda mod, args, out: seen.append((args[0], out)))
         routed = model(image, text, t)
     assert not torch.allclose(routed, plain, atol=1e-3)
-    (x, _), = seen  # what the block itself received: text rows untouched, image rows masked
+    ((x, _),) = seen  # what the block itself received: text rows untouched, image rows masked
     h = torch.cat([text, image], 1) + model.t_embed(t)[:, None]
     assert torch.equal(x[:, :5], h[:, :5])
     torch.testing.assert_close(x[:, 5:], window(t)[:, None, :] * h[:, 5:])
@@ -188,8 +199,11 @@ def test_joined_streams_are_refused_where_they_cannot_be_routed():
     dtr.wrap(model)
     with pytest.raises(ValueError, match=r"per-token timesteps \(2, 9\) cannot route 'blocks.0'"):
         model(torch.randn(2, 4, C), torch.randn(2, 5, C), torch.zeros(2, 9, dtype=torch.long))
-    with pytest.raises(ValueError, match="counts the image tokens of a joined stream from argument 'image', which is "
-                                         r"of shape \(2,\); it must be \(batch, tokens, ...\)"):
+    with pytest.raises(
+        ValueError,
+        match="counts the image tokens of a joined stream from argument 'image', which is "
+        r"of shape \(2,\); it must be \(batch, tokens, ...\)",
+    ):
         model(torch.randn(2), torch.randn(2, 5, C), torch.tensor([1, 2]))
 
 
@@ -203,11 +217,15 @@ def test_block_io_and_image_tokens_check_their_fields():
     assert ImageTokens("x").count(torch.zeros(2, 7, 3)) == 7
     assert ImageTokens("x", (2, 2)).count(torch.zeros(2, 4, 8, 6)) == 12
     assert ImageTokens("x", (1, 2, 2)).count(torch.zeros(2, 4, 3, 8, 6)) == 36
-    with pytest.raises(ValueError, match=r"argument 'x', which is of shape \(2, 4, 8\); it must be \(batch, channels, "
-                                         r"2 grid axes\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"argument 'x', which is of shape \(2, 4, 8\); it must be \(batch, channels, "
+        r"2 grid axes\)",
+    ):
         ImageTokens("x", (2, 2)).count(torch.zeros(2, 4, 8))
     assert BlockIO("x", joined=True, valid="m", source="s").to_dict() == dict(
-        input="x", output=None, channel_axis=None, joined=True, valid="m", source="s")
+        input="x", output=None, channel_axis=None, joined=True, valid="m", source="s"
+    )
 
 
 # ---- a stream that starts at a child module: h + F(m * h)

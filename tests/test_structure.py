@@ -40,7 +40,7 @@ def find_cycle(edges):
         stack.append(u)
         for v in sorted(edges[u]):
             if state.get(v) == "open":
-                return stack[stack.index(v):] + [v]
+                return stack[stack.index(v) :] + [v]
             if v not in state:
                 found = visit(v)
                 if found:
@@ -83,8 +83,11 @@ def test_the_librarys_tests_import_nothing_from_the_examples():
     test_files = {p.stem for p in (ROOT / "tests").glob("*.py")}
     for path in (ROOT / "tests").glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else ([node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
+            )
             for name in names:
                 top = name.split(".")[0]
                 assert top not in example_modules, f"{path.name} imports {name} from examples/"

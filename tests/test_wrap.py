@@ -26,7 +26,9 @@ def test_sharing_ratio_one_is_exactly_unwrapped():
     assert torch.equal(out, ref)
 
 
-@pytest.mark.parametrize("ratio, alpha, num_tasks", [(0.8, 4.0, 1000), (0.5, 1.0, 1000), (0.3, 2.5, 1000), (0.5, 2.0, 50)])
+@pytest.mark.parametrize(
+    "ratio, alpha, num_tasks", [(0.8, 4.0, 1000), (0.5, 1.0, 1000), (0.3, 2.5, 1000), (0.5, 2.0, 50)]
+)
 def test_wrapped_equals_per_sample_reference(ratio, alpha, num_tasks):
     model = tiny_dit()
     x, t, y = inputs(t=torch.tensor([0, 49, 25, 3, 10, 48]) if num_tasks == 50 else None)
@@ -219,8 +221,12 @@ def test_whole_model_pickles_with_torch_save(tmp_path):
     loaded = torch.load(tmp_path / "m.pt", weights_only=False)
     with torch.no_grad():
         assert torch.equal(loaded(x, t, y), model(x, t, y))
-        torch.testing.assert_close(loaded(x, t, y), reference_forward(model, x, t, y, dtr_masks(model, 0.5, 1.5,
-                                   num_tasks=800)), rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            loaded(x, t, y),
+            reference_forward(model, x, t, y, dtr_masks(model, 0.5, 1.5, num_tasks=800)),
+            rtol=0,
+            atol=1e-6,
+        )
     assert dtr.routing_of(loaded).routing_config == dtr.RoutingConfig(0.5, 1.5, "dtr", 800, 0)
 
 
@@ -484,9 +490,13 @@ def test_custom_model_scalar_timestep_broadcasts_and_batch_mismatch():
         assert torch.equal(model(x, torch.tensor(700)), model(x, torch.full((3,), 700)))
         assert torch.equal(model(x, t=700), model(x, 700 * torch.ones(3, dtype=torch.long)))
         assert torch.equal(model(x, torch.tensor(700, dtype=torch.int16)), model(x, t=700))
-        assert torch.equal(model(x, torch.tensor([200, 7, 255], dtype=torch.uint8)), model(x, torch.tensor([200, 7, 255])))
+        assert torch.equal(
+            model(x, torch.tensor([200, 7, 255], dtype=torch.uint8)), model(x, torch.tensor([200, 7, 255]))
+        )
         assert not torch.equal(model(x, t=700), model(x, t=0))
-        with pytest.raises(ValueError, match="timesteps have batch size 2 but routed module 'layers.0' received batch size 3"):
+        with pytest.raises(
+            ValueError, match="timesteps have batch size 2 but routed module 'layers.0' received batch size 3"
+        ):
             model(x, torch.tensor([1, 2]))
 
 
@@ -529,12 +539,15 @@ def test_wrap_from_config_reproduces_every_number_of_the_routing(method):
         assert not torch.allclose(copy_(x, t, y), want, atol=1e-3)
 
 
-@pytest.mark.parametrize("kwargs, err", [
-    (dict(channel_axis=True), TypeError),
-    (dict(timestep_arg=True), TypeError),
-    (dict(blocks=r"blocks\.0", block_io=lambda: dtr.BlockIO(input=True)), TypeError),
-    (dict(blocks=r"blocks\.0", block_io=lambda: dtr.BlockIO(output=False)), TypeError),
-])
+@pytest.mark.parametrize(
+    "kwargs, err",
+    [
+        (dict(channel_axis=True), TypeError),
+        (dict(timestep_arg=True), TypeError),
+        (dict(blocks=r"blocks\.0", block_io=lambda: dtr.BlockIO(input=True)), TypeError),
+        (dict(blocks=r"blocks\.0", block_io=lambda: dtr.BlockIO(output=False)), TypeError),
+    ],
+)
 def test_booleans_are_not_taken_for_integers(kwargs, err):
     model = tiny_dit(depth=1)
     with pytest.raises(err, match="bool|name or a position"):

@@ -1,8 +1,8 @@
 """Denoising Task Routing (DTR, ICLR 2024) for any PyTorch diffusion model.
 
-    routing = dtr.wrap(model, sharing_ratio=0.8)   # in place; no parameter or state_dict key added
-    out = model(x, t, y)                           # each sample routed by its own timestep
-    routing.remove()                               # or dtr.unwrap(model)
+routing = dtr.wrap(model, sharing_ratio=0.8)   # in place; no parameter or state_dict key added
+out = model(x, t, y)                           # each sample routed by its own timestep
+routing.remove()                               # or dtr.unwrap(model)
 """
 
 from ._version import __version__

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from torch import nn
 
@@ -47,9 +47,17 @@ def wrap(
     ``channel_axis`` is the axis the mask acts on (default: last for residual blocks, 1 for gates).
     """
     config = RoutingConfig(sharing_ratio, alpha, method, num_tasks, resolve_seed(seed))
-    return wrap_with(model, config, blocks=blocks, placement=placement, block_io=block_io,
-                     timestep_module=timestep_module, timestep_arg=timestep_arg, timestep_kind=timestep_kind,
-                     channel_axis=channel_axis)
+    return wrap_with(
+        model,
+        config,
+        blocks=blocks,
+        placement=placement,
+        block_io=block_io,
+        timestep_module=timestep_module,
+        timestep_arg=timestep_arg,
+        timestep_kind=timestep_kind,
+        channel_axis=channel_axis,
+    )
 
 
 def wrap_with(model: nn.Module, config: RoutingConfig, **where) -> Routing:
@@ -88,8 +96,9 @@ def resolve_spec(
         if blocks is None:
             raise ValueError(f"dtr.wrap does not know where to route a {type(model).__name__}: {_HOW_TO}")
         spec = RoutingSpec(blocks=(), placement=placement or "residual", timestep_arg=None)
-    overrides = dict(placement=placement, timestep_module=timestep_module, timestep_arg=timestep_arg,
-                     timestep_kind=timestep_kind)
+    overrides = dict(
+        placement=placement, timestep_module=timestep_module, timestep_arg=timestep_arg, timestep_kind=timestep_kind
+    )
     spec = dataclasses.replace(spec, **{k: v for k, v in overrides.items() if v is not None})
     if blocks is not None:
         adapter = "custom" if spec.adapter == "custom" else f"{spec.adapter}, custom blocks"
@@ -113,7 +122,7 @@ def _block_io(spec: RoutingSpec, blocks: list[nn.Module], block_io, channel_axis
     classes = {type(b).__name__ for b in blocks}
     io = {type(b).__name__: spec.io_for(b) for b in blocks}
     if isinstance(block_io, BlockIO):
-        io = {name: block_io for name in classes}
+        io = dict.fromkeys(classes, block_io)
     elif block_io is not None:
         if not isinstance(block_io, Mapping) or not all(isinstance(v, BlockIO) for v in block_io.values()):
             raise TypeError("block_io must be a dtr.BlockIO or a dict {block class name: dtr.BlockIO}")

@@ -30,7 +30,7 @@ class Call:
 
     __slots__ = ("outer", "tasks", "masks", "owner", "entered", "captured", "image_tokens")
 
-    def __init__(self, outer: "Call | None", tasks: torch.Tensor | None = None, owner: object = None):
+    def __init__(self, outer: Call | None, tasks: torch.Tensor | None = None, owner: object = None):
         self.outer = outer  # the call this one runs inside (same thread), or None
         self.tasks = tasks  # (B,), (B, N) or 0-d long task indices; None until the timestep is read
         self.masks: dict = {}  # (width, dtype, device, block) -> (mask, 1 - mask), built once per call

@@ -19,7 +19,6 @@ from ._compat import assume_constant_result, is_compiling
 from .spec import METHODS
 from .validation import check_alpha, check_choice, check_int, check_seed, check_sharing_ratio
 
-
 #################################################################################
 #                               The DTR window                                  #
 #################################################################################

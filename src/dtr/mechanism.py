@@ -23,14 +23,15 @@ from __future__ import annotations
 import copy
 import types
 import weakref
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from torch import nn
 
 ATTR = "_dtr_behaviour"
 INNER = "_dtr_instance_forward"  # an instance forward found at attach, now called through _instance_forward
 
-_classes: "weakref.WeakKeyDictionary[type, dict]" = weakref.WeakKeyDictionary()  # base -> {forward?: ref(cls)}
+_classes: weakref.WeakKeyDictionary[type, dict] = weakref.WeakKeyDictionary()  # base -> {forward?: ref(cls)}
 
 
 def behaviour_of(module: nn.Module) -> Any:

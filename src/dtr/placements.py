@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import inspect
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -162,7 +163,9 @@ class _Placement:
             return output
         if not isinstance(output, (tuple, list)) or k >= len(output):
             got = type(output).__name__ + (f" of {len(output)}" if isinstance(output, (tuple, list)) else "")
-            raise ValueError(f"dtr: {self.name!r} was declared to return its stream as element {k}, but returned a {got}")
+            raise ValueError(
+                f"dtr: {self.name!r} was declared to return its stream as element {k}, but returned a {got}"
+            )
         return output[k]
 
     def with_stream(self, output: Any, value: torch.Tensor) -> Any:
@@ -211,8 +214,10 @@ class Residual(_Placement):
         its valid tokens, take the sample's mask; the other rows take 1 and 0, so text passes as the block makes it."""
         n, length = call.image_tokens, x.shape[1]
         if n is None or n > length:
-            raise ValueError(f"dtr: {self.name!r} routes the last {n} (image) tokens of a joined stream, but it "
-                             f"received {tuple(x.shape)}; the image token count comes from RoutingSpec.image_tokens")
+            raise ValueError(
+                f"dtr: {self.name!r} routes the last {n} (image) tokens of a joined stream, but it "
+                f"received {tuple(x.shape)}; the image token count comes from RoutingSpec.image_tokens"
+            )
         valid = self._valid_mask(args, kwargs, x)
         end = length if valid is None else valid.sum(1, keepdim=True)  # (B, 1): each sample's valid tokens
         j = torch.arange(length, device=x.device)
@@ -232,8 +237,10 @@ class Residual(_Placement):
             return None
         if not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool or tuple(valid.shape) != tuple(x.shape[:2]):
             got = f"{valid.dtype} {tuple(valid.shape)}" if isinstance(valid, torch.Tensor) else type(valid).__name__
-            raise ValueError(f"dtr: the valid-token argument {self.io.valid!r} of {self.name!r} must be None or a bool "
-                             f"(batch, tokens) = {tuple(x.shape[:2])} tensor, got {got}")
+            raise ValueError(
+                f"dtr: the valid-token argument {self.io.valid!r} of {self.name!r} must be None or a bool "
+                f"(batch, tokens) = {tuple(x.shape[:2])} tensor, got {got}"
+            )
         return valid
 
     def route_source(self, module, call_impl, args, kwargs):
@@ -264,8 +271,10 @@ class Residual(_Placement):
                 f"{sorted(kwargs)}); declare it with block_io=dtr.BlockIO(input=<name or position>)"
             )
         if not isinstance(x, torch.Tensor):
-            raise ValueError(f"dtr: the stream argument {where!r} of routed module {self.name!r} is a "
-                             f"{type(x).__name__}, not a tensor; declare it with block_io=dtr.BlockIO(input=...)")
+            raise ValueError(
+                f"dtr: the stream argument {where!r} of routed module {self.name!r} is a "
+                f"{type(x).__name__}, not a tensor; declare it with block_io=dtr.BlockIO(input=...)"
+            )
         return x, where
 
     def channel_axis(self, x: torch.Tensor) -> int:
@@ -274,8 +283,9 @@ class Residual(_Placement):
         if axis is None:
             if x.ndim >= 4:
                 raise ValueError(
-                    f"dtr: routed module {self.name!r} takes a {x.ndim}-d input {tuple(x.shape)}: say which axis holds "
-                    "its channels, dtr.wrap(..., channel_axis=1) for channels first (B, C, H, W) or -1 for channels last"
+                    f"dtr: routed module {self.name!r} takes a {x.ndim}-d input {tuple(x.shape)}: say which axis "
+                    "holds its channels, dtr.wrap(..., channel_axis=1) for channels first (B, C, H, W) or -1 for "
+                    "channels last"
                 )
             if self.width is not None and x.ndim == 3 and x.shape[-1] != self.width and x.shape[1] == self.width:
                 raise ValueError(
@@ -397,8 +407,10 @@ def _locate(forward: Callable, arg: str | int) -> tuple[str | None, int | None]:
 def _check_axis(axis: int, x: torch.Tensor, name: str) -> int:
     """``axis`` as a non-negative channel axis of ``x`` (not the batch axis)."""
     if not -x.ndim < axis < x.ndim or axis % x.ndim == 0:
-        raise ValueError(f"dtr: channel_axis={axis} is not a channel axis of {name!r}'s {x.ndim}-d tensor "
-                         f"{tuple(x.shape)} (allowed: 1 to {x.ndim - 1}, or -1 to {1 - x.ndim})")
+        raise ValueError(
+            f"dtr: channel_axis={axis} is not a channel axis of {name!r}'s {x.ndim}-d tensor "
+            f"{tuple(x.shape)} (allowed: 1 to {x.ndim - 1}, or -1 to {1 - x.ndim})"
+        )
     return axis % x.ndim
 
 
@@ -426,9 +438,14 @@ def _call_with_input(call_impl, module: nn.Module, box: list, where: int | str, 
 def _hook_free(module: nn.Module) -> bool:
     """No forward or backward hook on ``module`` or global: ``_call_impl`` would just call ``forward``."""
     return not (
-        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
-        or _hooks._global_forward_hooks or _hooks._global_forward_pre_hooks
-        or _hooks._global_backward_hooks or _hooks._global_backward_pre_hooks
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or _hooks._global_forward_hooks
+        or _hooks._global_forward_pre_hooks
+        or _hooks._global_backward_hooks
+        or _hooks._global_backward_pre_hooks
         or torch._C._get_tracing_state()
     )
 

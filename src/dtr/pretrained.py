@@ -43,11 +43,15 @@ def save_pretrained(model: nn.Module, folder: str, **kwargs: Any) -> None:
     """
     inner = inner_model(model)
     if routing_of(inner) is None:
-        raise ValueError(f"{type(inner).__name__} is not routed by dtr: use its own save_pretrained, or dtr.wrap it first")
+        raise ValueError(
+            f"{type(inner).__name__} is not routed by dtr: use its own save_pretrained, or dtr.wrap it first"
+        )
     if not has_config(inner) or not callable(getattr(inner, "save_pretrained", None)):
-        raise TypeError(f"{type(inner).__name__} has no diffusers config to carry its routing (not a diffusers "
-                        "model): save its state_dict with torch.save and dtr.routing_of(model).config beside it, "
-                        "and route the loaded model with dtr.wrap_from_config")
+        raise TypeError(
+            f"{type(inner).__name__} has no diffusers config to carry its routing (not a diffusers "
+            "model): save its state_dict with torch.save and dtr.routing_of(model).config beside it, "
+            "and route the loaded model with dtr.wrap_from_config"
+        )
     if kwargs.get("is_main_process", True):
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(folder, CONFIG_NAME))  # before the save: push_to_hub uploads the folder
@@ -66,17 +70,21 @@ def from_pretrained(model_class: type, path_or_repo_id: str | os.PathLike, **kwa
     if _is_pipeline_class(model_class):
         return _pipeline_from_pretrained(model_class, path_or_repo_id, kwargs)
     if not callable(getattr(model_class, "load_config", None)):
-        raise TypeError(f"dtr.from_pretrained takes a diffusers model or pipeline class, got {model_class!r}: load "
-                        "other models yourself and route them with dtr.wrap_from_config")
+        raise TypeError(
+            f"dtr.from_pretrained takes a diffusers model or pipeline class, got {model_class!r}: load "
+            "other models yourself and route them with dtr.wrap_from_config"
+        )
     hub = {k: v for k, v in kwargs.items() if k in _HUB_KWARGS}
     where = _where(path_or_repo_id, kwargs.get("subfolder"), kwargs.get("revision"), model_class.config_name)
     config = model_class.load_config(path_or_repo_id, **hub)  # config.json only: no routing fails before the weights
     saved = _saved_routing(config, path_or_repo_id, kwargs.get("subfolder"), hub, where)
     if saved is None:
-        raise ValueError(f"{where} carries no routing (no {KEY!r} key, no {CONFIG_NAME} beside it): it was saved "
-                         f"unrouted. Load it with {model_class.__name__}.from_pretrained and dtr.wrap it with the "
-                         "settings it was trained with (an EMAModel made before dtr.wrap saves its config without "
-                         "the routing: make it after)")
+        raise ValueError(
+            f"{where} carries no routing (no {KEY!r} key, no {CONFIG_NAME} beside it): it was saved "
+            f"unrouted. Load it with {model_class.__name__}.from_pretrained and dtr.wrap it with the "
+            "settings it was trained with (an EMAModel made before dtr.wrap saves its config without "
+            "the routing: make it after)"
+        )
     with _without_record_warning():
         model = model_class.from_pretrained(path_or_repo_id, **kwargs)
     _route(model, saved, where)
@@ -113,9 +121,11 @@ def _pipeline_from_pretrained(pipeline_class: type, path_or_repo_id, kwargs: dic
         if saved is not None:
             _route(component, saved, where)
     if not any(isinstance(c, nn.Module) and routing_of(c) is not None for c in pipeline.components.values()):
-        raise ValueError(f"no component of the pipeline {path_or_repo_id} is routed: none was saved routed (no "
-                         f"{KEY!r} key in their config.json, no {CONFIG_NAME}) and none passed in is. Load it with "
-                         f"{pipeline_class.__name__}.from_pretrained")
+        raise ValueError(
+            f"no component of the pipeline {path_or_repo_id} is routed: none was saved routed (no "
+            f"{KEY!r} key in their config.json, no {CONFIG_NAME}) and none passed in is. Load it with "
+            f"{pipeline_class.__name__}.from_pretrained"
+        )
     return pipeline
 
 
@@ -136,7 +146,10 @@ def _saved_routing(config, path_or_repo_id, subfolder: str | None, hub: dict, wh
         f"{path}: routing read from the {CONFIG_NAME} an earlier dtr wrote beside the weights. This dtr keeps the "
         f"routing in config.json ({KEY!r}), where no later save can leave it behind; a {CONFIG_NAME} left by a "
         "routed save beside weights saved unrouted later would route those wrongly. Save the routed model again "
-        "(model.save_pretrained) to move the routing into its config.json", UserWarning, stacklevel=3)
+        "(model.save_pretrained) to move the routing into its config.json",
+        UserWarning,
+        stacklevel=3,
+    )
     return saved
 
 
@@ -149,8 +162,12 @@ def _earlier_file(path_or_repo_id, subfolder: str | None, hub: dict) -> str | No
     from huggingface_hub.errors import EntryNotFoundError
 
     try:  # offline, a file the cache does not hold is "not found" too, as for diffusers' optional files
-        return hf_hub_download(str(path_or_repo_id), CONFIG_NAME, subfolder=subfolder or None,
-                               **{k: v for k, v in hub.items() if k != "proxies"})
+        return hf_hub_download(
+            str(path_or_repo_id),
+            CONFIG_NAME,
+            subfolder=subfolder or None,
+            **{k: v for k, v in hub.items() if k != "proxies"},
+        )
     except EntryNotFoundError:
         return None
 
@@ -160,17 +177,27 @@ def _route(model: nn.Module, saved: SavedRouting, where: str):
     names = {n for n, _ in inner_model(model).named_modules()}
     missing = [b for b in saved.blocks if b not in names]
     if missing:
-        raise ValueError(f"{where}: key {saved.key('blocks')!r} names modules a {type(inner_model(model)).__name__} "
-                         f"of this config does not have: {missing[:3]} (saved from another model?)")
+        raise ValueError(
+            f"{where}: key {saved.key('blocks')!r} names modules a {type(inner_model(model)).__name__} "
+            f"of this config does not have: {missing[:3]} (saved from another model?)"
+        )
     spec = find_adapter(inner_model(model))
     blocks = None if spec is not None and spec.blocks == saved.blocks else list(saved.blocks)  # keep the adapter's name
     arg = saved.timestep_arg
     if isinstance(arg, tuple):  # format 1: the first name the model's forward takes, else the first position
         arg = _first_accepted(model, saved.timestep_module, arg)
     try:
-        return wrap_with(model, saved.config, blocks=blocks, placement=saved.placement, block_io=dict(saved.io) or None,
-                         timestep_module=saved.timestep_module or None, timestep_arg=arg,
-                         timestep_kind=saved.timestep_kind, channel_axis=saved.channel_axis)
+        return wrap_with(
+            model,
+            saved.config,
+            blocks=blocks,
+            placement=saved.placement,
+            block_io=dict(saved.io) or None,
+            timestep_module=saved.timestep_module or None,
+            timestep_arg=arg,
+            timestep_kind=saved.timestep_kind,
+            channel_axis=saved.channel_axis,
+        )
     except (TypeError, ValueError) as e:
         raise type(e)(f"{where}: {e}") from e
 
@@ -182,15 +209,19 @@ def _first_accepted(model: nn.Module, timestep_module: str, candidates: tuple):
         return None
     module = dict(inner_model(model).named_modules())[timestep_module] if timestep_module else inner_model(model)
     names = inspect.signature(module.forward).parameters
-    return next((a for a in candidates if isinstance(a, str) and a in names),
-                next((a for a in candidates if isinstance(a, int)), candidates[0]))
+    return next(
+        (a for a in candidates if isinstance(a, str) and a in names),
+        next((a for a in candidates if isinstance(a, int)), candidates[0]),
+    )
 
 
 def _where(path_or_repo_id, subfolder: str | None, revision: str | None, filename: str) -> str:
     """How errors name a saved config: its local path, or the Hub file and revision."""
     if os.path.isdir(path_or_repo_id):
         return os.path.join(path_or_repo_id, subfolder or "", filename)
-    return "/".join(p for p in (str(path_or_repo_id), subfolder, filename) if p) + f" (Hub, revision {revision or 'main'})"
+    return (
+        "/".join(p for p in (str(path_or_repo_id), subfolder, filename) if p) + f" (Hub, revision {revision or 'main'})"
+    )
 
 
 def _is_pipeline_class(cls: Any) -> bool:

@@ -14,8 +14,9 @@ This module builds, attaches, removes and checks records; it knows nothing of fi
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from torch import nn
 
@@ -25,27 +26,45 @@ from .spec import PLACEMENTS, TIMESTEP_KINDS, BlockIO, RoutingConfig
 KEY = "dtr_routing"
 FORMAT_VERSION = 3  # the record in config.json; bump when a field changes meaning
 FILE_FORMATS = (1, 2)  # dtr_config.json beside the weights: dtr 0.2 (1) and the 0.3 development line (2)
-LOAD_WITH = ("dtr.from_pretrained(ModelOrPipelineClass, path_or_repo_id) of denoising-task-routing: these weights "
-             "were trained with Denoising Task Routing, and plain from_pretrained gives them without it")
+LOAD_WITH = (
+    "dtr.from_pretrained(ModelOrPipelineClass, path_or_repo_id) of denoising-task-routing: these weights "
+    "were trained with Denoising Task Routing, and plain from_pretrained gives them without it"
+)
 
 # The keys of a saved routing (Routing.config; format 1 had no io and put channel_axis at the top).
-_REQUIRED = ("sharing_ratio", "alpha", "method", "num_tasks", "seed", "blocks", "placement", "timestep_module",
-             "timestep_arg", "timestep_kind")
+_REQUIRED = (
+    "sharing_ratio",
+    "alpha",
+    "method",
+    "num_tasks",
+    "seed",
+    "blocks",
+    "placement",
+    "timestep_module",
+    "timestep_arg",
+    "timestep_kind",
+)
 _OPTIONAL = ("io", "channel_axis", "adapter")
 
 
 def has_config(model: Any) -> bool:
     """Whether ``model`` has a diffusers config a record can live in (``ConfigMixin``, recognised without
     importing diffusers)."""
-    return (isinstance(getattr(model, "_internal_dict", None), Mapping)
-            and callable(getattr(model, "register_to_config", None))
-            and getattr(model, "config_name", None) is not None)
+    return (
+        isinstance(getattr(model, "_internal_dict", None), Mapping)
+        and callable(getattr(model, "register_to_config", None))
+        and getattr(model, "config_name", None) is not None
+    )
 
 
 def make_record(routing_config: Mapping) -> dict:
     """The record of a routing (``Routing.config``): the hint for plain loaders first, then versions and the routing."""
-    return {"load_with": LOAD_WITH, "format_version": FORMAT_VERSION, "dtr_version": __version__,
-            "routing": dict(routing_config)}
+    return {
+        "load_with": LOAD_WITH,
+        "format_version": FORMAT_VERSION,
+        "dtr_version": __version__,
+        "routing": dict(routing_config),
+    }
 
 
 def attach_record(model: nn.Module, routing_config: Mapping) -> None:
@@ -87,9 +106,11 @@ def read_record(record: Any, where: str) -> SavedRouting:
     _check_keys(record, where, KEY, required=("format_version", "routing"), optional=("load_with", "dtr_version"))
     version = record["format_version"]
     if version != FORMAT_VERSION:
-        raise ValueError(f"{where}: key '{KEY}.format_version' is {version!r}, and this dtr reads format_version "
-                         f"{FORMAT_VERSION} (written by dtr {record.get('dtr_version', '?')}): install a dtr that "
-                         "reads it")
+        raise ValueError(
+            f"{where}: key '{KEY}.format_version' is {version!r}, and this dtr reads format_version "
+            f"{FORMAT_VERSION} (written by dtr {record.get('dtr_version', '?')}): install a dtr that "
+            "reads it"
+        )
     return read_routing(record["routing"], where, f"{KEY}.routing")
 
 
@@ -98,9 +119,11 @@ def read_file(data: Any, where: str) -> SavedRouting:
     _check_object(data, where, None)
     version = data.get("format_version")
     if version not in FILE_FORMATS:
-        raise ValueError(f"{where}: key 'format_version' is {version!r}, and this dtr reads format_version "
-                         f"{' or '.join(map(str, FILE_FORMATS))} in dtr_config.json (written by dtr "
-                         f"{data.get('dtr_version', '?')}): install a dtr that reads it")
+        raise ValueError(
+            f"{where}: key 'format_version' is {version!r}, and this dtr reads format_version "
+            f"{' or '.join(map(str, FILE_FORMATS))} in dtr_config.json (written by dtr "
+            f"{data.get('dtr_version', '?')}): install a dtr that reads it"
+        )
     routing = {k: v for k, v in data.items() if k not in ("format_version", "dtr_version")}
     return read_routing(routing, where, None, format1=version == 1)
 
@@ -126,10 +149,12 @@ def read_routing(data: Any, where: str, prefix: str | None, format1: bool = Fals
     if data["placement"] not in PLACEMENTS:
         raise bad("placement", f"must be one of {', '.join(map(repr, PLACEMENTS))}, got {data['placement']!r}")
     if data["timestep_kind"] not in TIMESTEP_KINDS:
-        raise bad("timestep_kind", f"must be one of {', '.join(map(repr, TIMESTEP_KINDS))}, got {data['timestep_kind']!r}")
+        raise bad(
+            "timestep_kind", f"must be one of {', '.join(map(repr, TIMESTEP_KINDS))}, got {data['timestep_kind']!r}"
+        )
     module = data["timestep_module"]
     if module is not None and not isinstance(module, str):
-        raise bad("timestep_module", f"must be a dotted module name or \"\" (the model), got {module!r}")
+        raise bad("timestep_module", f'must be a dotted module name or "" (the model), got {module!r}')
     arg = data["timestep_arg"]
     if format1 and isinstance(arg, list):
         if not all(_is_arg(a) for a in arg):
@@ -148,10 +173,23 @@ def read_routing(data: Any, where: str, prefix: str | None, format1: bool = Fals
         try:
             block_io[name] = BlockIO(**fields)
         except (TypeError, ValueError) as e:
-            raise bad(f"io.{name}", f"must be an object with keys among {', '.join(f.name for f in dataclasses.fields(BlockIO))}: {e}") from None
+            raise bad(
+                f"io.{name}",
+                f"must be an object with keys among {', '.join(f.name for f in dataclasses.fields(BlockIO))}: {e}",
+            ) from None
     adapter = data.get("adapter", "custom")
-    return SavedRouting(config, tuple(blocks), data["placement"], block_io, module or "", arg, data["timestep_kind"],
-                        axis, adapter if isinstance(adapter, str) else "custom", prefix)
+    return SavedRouting(
+        config,
+        tuple(blocks),
+        data["placement"],
+        block_io,
+        module or "",
+        arg,
+        data["timestep_kind"],
+        axis,
+        adapter if isinstance(adapter, str) else "custom",
+        prefix,
+    )
 
 
 #################################################################################
@@ -172,12 +210,15 @@ def _check_object(data: Any, where: str, prefix: str | None) -> None:
 def _check_keys(data: dict, where: str, prefix: str | None, required: tuple, optional: tuple) -> None:
     missing = [k for k in required if k not in data]
     if missing:
-        raise ValueError(f"{where}: key {_dotted(prefix, missing[0])!r} is missing (a saved routing has "
-                         f"{', '.join(required)})")
+        raise ValueError(
+            f"{where}: key {_dotted(prefix, missing[0])!r} is missing (a saved routing has {', '.join(required)})"
+        )
     unknown = sorted(k for k in data if k not in required + optional)
     if unknown:
-        raise ValueError(f"{where}: key {_dotted(prefix, unknown[0])!r} is not one this dtr knows (it reads "
-                         f"{', '.join(required + optional)}): a newer dtr wrote it, or it was edited")
+        raise ValueError(
+            f"{where}: key {_dotted(prefix, unknown[0])!r} is not one this dtr knows (it reads "
+            f"{', '.join(required + optional)}): a newer dtr wrote it, or it was edited"
+        )
 
 
 def _is_int(value: Any) -> bool:

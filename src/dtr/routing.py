@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -23,7 +23,9 @@ from .spec import RoutedModule, RoutingConfig, RoutingSpec
 from .timesteps import ModelCall, TimestepCapture, locate_timestep, plant
 
 # Names of the hook methods whole-model pickles of dtr 0.1 refer to (see Routing.__getattr__).
-_V01_HOOKS = frozenset({"_capture", "_release", "_residual_pre", "_residual_post", "_gate", "_anchor_pre", "_anchor_post"})
+_V01_HOOKS = frozenset(
+    {"_capture", "_release", "_residual_pre", "_residual_post", "_gate", "_anchor_pre", "_anchor_post"}
+)
 
 
 class Routing:
@@ -41,8 +43,10 @@ class Routing:
         placement = Residual if spec.placement == "residual" else Gate
         self.routed = [RoutedModule(n, modules[n], spec.placement, i) for i, n in enumerate(spec.blocks)]
         _check_io(spec, self.routed)
-        parts = [(r.name, r.module, placement(self.runtime, r.name, r.index, spec.io_for(r.module), r.module))
-                 for r in self.routed]
+        parts = [
+            (r.name, r.module, placement(self.runtime, r.name, r.index, spec.io_for(r.module), r.module))
+            for r in self.routed
+        ]
         sources = [p[2].source for p in parts if getattr(p[2], "source", None) is not None]
         parts += [(s.name, modules[s.name], s) for s in sources]  # the children a block's stream starts from
         image = _image_arg(model, spec)
@@ -144,8 +148,10 @@ class Routing:
         if s.io:
             lines.append("  streams: " + "; ".join(f"{k}: {_describe_io(v)}" for k, v in s.io.items()))
         if s.image_tokens is not None:
-            lines.append(f"  image tokens of joined streams: counted from argument {s.image_tokens.arg!r}"
-                         + (f" (patch {s.image_tokens.patch})" if s.image_tokens.patch else ""))
+            lines.append(
+                f"  image tokens of joined streams: counted from argument {s.image_tokens.arg!r}"
+                + (f" (patch {s.image_tokens.patch})" if s.image_tokens.patch else "")
+            )
         for w in self.widths():
             lines.append(f"  width {w}: {active_channels(w, c.sharing_ratio)} active channels per task")
         if s.note:
@@ -156,7 +162,9 @@ class Routing:
 
     def __repr__(self) -> str:
         c = self.runtime.config
-        return f"Routing(method={c.method!r}, sharing_ratio={c.sharing_ratio}, alpha={c.alpha}, blocks={len(self.routed)})"
+        return (
+            f"Routing(method={c.method!r}, sharing_ratio={c.sharing_ratio}, alpha={c.alpha}, blocks={len(self.routed)})"
+        )
 
     def __getattr__(self, name: str):
         if name in _V01_HOOKS:  # unpickling a whole model saved by dtr 0.1, whose hooks were bound methods
@@ -239,7 +247,9 @@ def select_modules(model: nn.Module, blocks: str | Iterable[str] | Callable) -> 
     elif isinstance(blocks, Iterable):
         wanted = list(blocks)
         if not all(isinstance(b, str) for b in wanted):
-            raise TypeError("blocks must be a regex string, a list of module names, or a predicate (name, module) -> bool")
+            raise TypeError(
+                "blocks must be a regex string, a list of module names, or a predicate (name, module) -> bool"
+            )
         missing = [b for b in wanted if b not in set(names)]
         if missing:
             raise ValueError(f"blocks names not found in the model: {missing}; some names: {_abbreviate(names)}")
@@ -247,5 +257,7 @@ def select_modules(model: nn.Module, blocks: str | Iterable[str] | Callable) -> 
     else:
         raise TypeError("blocks must be a regex string, a list of module names, or a predicate (name, module) -> bool")
     if not chosen:
-        raise ValueError(f"{what} matches no module of {type(model).__name__}; module names look like: {_abbreviate(names[:50])}")
+        raise ValueError(
+            f"{what} matches no module of {type(model).__name__}; module names look like: {_abbreviate(names[:50])}"
+        )
     return tuple(chosen)

@@ -47,8 +47,11 @@ class Runtime:
             call.image_tokens = state[1]
             return call
         if state is None:
-            why = ("it was called outside a call of the model (call the model itself, not one of its blocks)"
-                   if current is None else "the model's timestep was not read yet (timestep_module runs after it)")
+            why = (
+                "it was called outside a call of the model (call the model itself, not one of its blocks)"
+                if current is None
+                else "the model's timestep was not read yet (timestep_module runs after it)"
+            )
             raise RuntimeError(
                 f"dtr: routed module {name!r} ran without a timestep: {why}. Activation checkpointing must be "
                 "non-reentrant: torch.utils.checkpoint(..., use_reentrant=False), diffusers' "
@@ -56,7 +59,9 @@ class Runtime:
             )
         return current
 
-    def masks(self, call: Call, like: torch.Tensor, axis: int, block: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def masks(
+        self, call: Call, like: torch.Tensor, axis: int, block: int, name: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(mask, 1 - mask) of ``call``'s tasks for ``like`` with channels on ``axis``, shaped to broadcast over it.
 
         In ``like``'s dtype and device, built once per eager call and width.  Compiled code builds them inline and

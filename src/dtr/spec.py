@@ -7,8 +7,9 @@ Adapters build these and nothing else, so they import only this module; the rout
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from .validation import check_alpha, check_choice, check_int, check_seed, check_sharing_ratio
 
@@ -44,7 +45,7 @@ class RoutingConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], where: str = "config") -> "RoutingConfig":
+    def from_dict(cls, data: Mapping[str, Any], where: str = "config") -> RoutingConfig:
         """The config in ``data`` (extra keys ignored); a missing key is named with ``where``."""
         missing = [f.name for f in dataclasses.fields(cls) if f.name not in data]
         if missing:
@@ -119,8 +120,10 @@ class ImageTokens:
         if shape is None or (len(shape) != 2 + len(self.patch) if self.patch else len(shape) < 2):
             want = f"(batch, channels, {len(self.patch)} grid axes)" if self.patch else "(batch, tokens, ...)"
             got = f"of shape {tuple(shape)}" if shape is not None else f"a {type(x).__name__}"
-            raise ValueError(f"dtr counts the image tokens of a joined stream from argument {self.arg!r}, which is "
-                             f"{got}; it must be {want}")
+            raise ValueError(
+                f"dtr counts the image tokens of a joined stream from argument {self.arg!r}, which is "
+                f"{got}; it must be {want}"
+            )
         if not self.patch:
             return x.shape[1]
         n = 1

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import copy
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -93,8 +94,10 @@ def read_tasks(runtime: Runtime, timestep: TimestepArg, args: tuple, kwargs: dic
         return runtime.tasks_from(value)
     except (TypeError, ValueError) as e:
         got = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
-        raise type(e)(f"{e} (dtr read the timestep from {timestep.describe()}: {got}; if that is not the "
-                      "timestep, pass timestep_arg=)") from None
+        raise type(e)(
+            f"{e} (dtr read the timestep from {timestep.describe()}: {got}; if that is not the "
+            "timestep, pass timestep_arg=)"
+        ) from None
 
 
 class ModelCall:
@@ -107,8 +110,14 @@ class ModelCall:
 
     intercepts_forward = True
 
-    def __init__(self, runtime: Runtime, routing: Any, timestep: TimestepArg | None, tree: dict,
-                 image: tuple[TimestepArg, ImageTokens] | None = None):
+    def __init__(
+        self,
+        runtime: Runtime,
+        routing: Any,
+        timestep: TimestepArg | None,
+        tree: dict,
+        image: tuple[TimestepArg, ImageTokens] | None = None,
+    ):
         self.runtime = runtime  # first: a deepcopy copies it before the routing (see __deepcopy__)
         self.routing = routing  # the user's handle, for dtr.routing_of
         self.timestep = timestep  # None: the timestep module gives the tasks
@@ -118,7 +127,7 @@ class ModelCall:
     def copies_with(self, memo: dict) -> bool:
         return True  # a copy of the model is a routed model (an EMA made with copy.deepcopy routes by its own inputs)
 
-    def __deepcopy__(self, memo: dict) -> "ModelCall":
+    def __deepcopy__(self, memo: dict) -> ModelCall:
         new = ModelCall.__new__(ModelCall)
         memo[id(self)] = new
         for key, value in self.__dict__.items():  # runtime first: the blocks copied below look for it in memo

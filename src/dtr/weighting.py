@@ -17,7 +17,6 @@ clustering is :func:`cluster_intervals`, an exact dynamic program over any inter
 
 from __future__ import annotations
 
-import math
 import numbers
 import operator
 import re
@@ -44,10 +43,7 @@ __all__ = [
 
 _PREDICTIONS = ("epsilon", "v", "x0")
 _KINDS = ("constant", "min_snr", "p2", "uw")
-_VALID_NAMES = (
-    '"constant", "min_snr_<gamma>" (e.g. "min_snr_5"), '
-    '"p2weight_<gamma>_<k>" (e.g. "p2weight_1_1"), "uw"'
-)
+_VALID_NAMES = '"constant", "min_snr_<gamma>" (e.g. "min_snr_5"), "p2weight_<gamma>_<k>" (e.g. "p2weight_1_1"), "uw"'
 _NUMBER = r"(\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?)"
 _MIN_SNR_RE = re.compile(rf"min_snr_{_NUMBER}")
 _P2_RE = re.compile(rf"p2weight_{_NUMBER}_{_NUMBER}")
@@ -75,14 +71,16 @@ def _validate_intervals(intervals):
             start, end = pair
             start, end = operator.index(start), operator.index(end)
         except (TypeError, ValueError):
-            raise TypeError(
-                f"intervals[{i}] must be a (start, end) pair of ints, got {pair!r}"
-            ) from None
+            raise TypeError(f"intervals[{i}] must be a (start, end) pair of ints, got {pair!r}") from None
         expected = out[-1][1] if out else 0
         if start != expected:
-            where = "the first interval must start at 0" if not out else (
-                f"intervals must be sorted, contiguous and non-overlapping: intervals[{i}] "
-                f"starts at {start} but the previous one ends at {expected}"
+            where = (
+                "the first interval must start at 0"
+                if not out
+                else (
+                    f"intervals must be sorted, contiguous and non-overlapping: intervals[{i}] "
+                    f"starts at {start} but the previous one ends at {expected}"
+                )
             )
             raise ValueError(f"intervals are half-open (start, end) pairs tiling [0, T); {where}")
         if end <= start:
@@ -106,9 +104,7 @@ def snr_from_alphas_cumprod(alphas_cumprod: np.ndarray | torch.Tensor) -> np.nda
     if isinstance(alphas_cumprod, (np.ndarray, list, tuple, numbers.Real)):
         a = np.asarray(alphas_cumprod, dtype=np.float64)
         return a / (1.0 - a)
-    raise TypeError(
-        f"alphas_cumprod must be a numpy array or torch tensor, got {type(alphas_cumprod).__name__}"
-    )
+    raise TypeError(f"alphas_cumprod must be a numpy array or torch tensor, got {type(alphas_cumprod).__name__}")
 
 
 def min_snr_weight(snr: torch.Tensor, gamma: float = 5.0, prediction: str = "epsilon") -> torch.Tensor:
@@ -217,15 +213,12 @@ class UncertaintyWeighting(torch.nn.Module):
         if not isinstance(per_sample_loss, torch.Tensor) or not per_sample_loss.is_floating_point():
             raise TypeError("per_sample_loss must be a floating-point torch.Tensor of shape (B,)")
         integer = isinstance(interval_index, torch.Tensor) and not (
-            interval_index.is_floating_point() or interval_index.is_complex()
-            or interval_index.dtype == torch.bool
+            interval_index.is_floating_point() or interval_index.is_complex() or interval_index.dtype == torch.bool
         )
         if not integer:
             raise TypeError("interval_index must be an integer torch.Tensor of shape (B,)")
         if per_sample_loss.ndim != 1 or per_sample_loss.numel() == 0:
-            raise ValueError(
-                f"per_sample_loss must have shape (B,) with B >= 1, got {tuple(per_sample_loss.shape)}"
-            )
+            raise ValueError(f"per_sample_loss must have shape (B,) with B >= 1, got {tuple(per_sample_loss.shape)}")
         if interval_index.shape != per_sample_loss.shape:
             raise ValueError(
                 f"interval_index must have the shape of per_sample_loss {tuple(per_sample_loss.shape)}, "
@@ -285,8 +278,7 @@ def _cost_by_end(cost, num_timesteps):
             values = np.broadcast_to(values, left.shape)
         except ValueError:
             raise ValueError(
-                f"cost(l, r) must return one value per (l, r) pair ({left.size}), "
-                f"got shape {values.shape}"
+                f"cost(l, r) must return one value per (l, r) pair ({left.size}), got shape {values.shape}"
             ) from None
     else:
         if isinstance(cost, torch.Tensor):
@@ -355,10 +347,10 @@ def _snr_cost_by_end(snr):
     np.cumsum(right, axis=1, out=right)  # right[c, r] = sum_{t=c..r} dist[c, t]
     left = np.where(after[:, ::-1], 0.0, dist[:, ::-1])
     np.cumsum(left, axis=1, out=left)  # left[c, T-1-l] = sum_{t=l..c-1} dist[c, t]
-    r, l = idx[:, None], idx
-    row = (l + r + 1) // 2 * T  # flat offset of row c
-    table = left.ravel()[row + (T - 1 - l)] + right.ravel()[row + r]
-    return np.where(l <= r, table, np.inf)
+    r, lo = idx[:, None], idx
+    row = (lo + r + 1) // 2 * T  # flat offset of row c
+    table = left.ravel()[row + (T - 1 - lo)] + right.ravel()[row + r]
+    return np.where(lo <= r, table, np.inf)
 
 
 def snr_intervals(snr: np.ndarray | torch.Tensor, k: int) -> list[tuple[int, int]]:

@@ -12,8 +12,17 @@ import dtr
 
 def adm(seed=0, **kw):
     torch.manual_seed(seed)
-    cfg = dict(image_size=8, in_channels=1, model_channels=8, channel_mult=(1, 2), attention_ds=(2,),
-               num_res_blocks=1, groups=4, num_heads=2, num_classes=10)
+    cfg = dict(
+        image_size=8,
+        in_channels=1,
+        model_channels=8,
+        channel_mult=(1, 2),
+        attention_ds=(2,),
+        num_res_blocks=1,
+        groups=4,
+        num_heads=2,
+        num_classes=10,
+    )
     return perturbed(ADMUNet(**{**cfg, **kw}), seed, 0.1)
 
 
@@ -81,5 +90,7 @@ def test_diffusers_example_trains_samples_and_writes_a_grid(tmp_path):
     from PIL import Image
 
     out = tmp_path / "grid.png"
-    diffusers_unet.main(["--steps", "2", "--batch-size", "8", "--sample-steps", "2", "--num-samples", "4", "--out", str(out)])
+    diffusers_unet.main(
+        ["--steps", "2", "--batch-size", "8", "--sample-steps", "2", "--num-samples", "4", "--out", str(out)]
+    )
     assert Image.open(out).size == (4 * (2 * 17 + 1), 4 * (2 * 17 + 1))

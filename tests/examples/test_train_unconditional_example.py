@@ -15,18 +15,40 @@ import dtr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-pytest.importorskip("accelerate")
-pytest.importorskip("sklearn")
 
-spec = importlib.util.spec_from_file_location("train_unconditional_dtr", os.path.join(ROOT, "examples", "train_unconditional_dtr.py"))
+spec = importlib.util.spec_from_file_location(
+    "train_unconditional_dtr", os.path.join(ROOT, "examples", "train_unconditional_dtr.py")
+)
 example = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(example)
 
 # 6 optimizer steps of batch 8 over 40 digits (5 batches an epoch), so the run crosses an epoch; a checkpoint
 # every 3 steps (mid-epoch); 4 sampling steps.
-ARGS = ["--max_train_samples", "40", "--train_batch_size", "8", "--max_train_steps", "6", "--checkpointing_steps", "3",
-        "--block_out_channels", "16,32", "--use_ema", "--ema_max_decay", "0.9", "--lr_warmup_steps", "2",
-        "--sharing_ratio", "0.5", "--eval_batch_size", "2", "--ddpm_num_inference_steps", "4", "--resolution", "16"]
+ARGS = [
+    "--max_train_samples",
+    "40",
+    "--train_batch_size",
+    "8",
+    "--max_train_steps",
+    "6",
+    "--checkpointing_steps",
+    "3",
+    "--block_out_channels",
+    "16,32",
+    "--use_ema",
+    "--ema_max_decay",
+    "0.9",
+    "--lr_warmup_steps",
+    "2",
+    "--sharing_ratio",
+    "0.5",
+    "--eval_batch_size",
+    "2",
+    "--ddpm_num_inference_steps",
+    "4",
+    "--resolution",
+    "16",
+]
 
 
 def call(model, seed=0):
@@ -56,8 +78,9 @@ def test_trains_resumes_exactly_and_reloads_the_pipeline_routed(tmp_path):
 
     # resumed from checkpoint-3 in another folder: the same weights, EMA and saved pipeline, bit for bit
     resumed_dir = tmp_path / "resumed"
-    resumed = example.main(ARGS + ["--output_dir", str(resumed_dir),
-                                   "--resume_from_checkpoint", str(tmp_path / "full" / "checkpoint-3")])
+    resumed = example.main(
+        ARGS + ["--output_dir", str(resumed_dir), "--resume_from_checkpoint", str(tmp_path / "full" / "checkpoint-3")]
+    )
     assert resumed["global_step"] == 6
     for (name, a), b in zip(full["unet"].state_dict().items(), resumed["unet"].state_dict().values()):
         assert torch.equal(a, b), name
@@ -71,5 +94,14 @@ def test_trains_resumes_exactly_and_reloads_the_pipeline_routed(tmp_path):
 
     # a checkpoint trained with another routing is refused on resume
     with pytest.raises(ValueError, match="another routing"):
-        example.main(ARGS + ["--output_dir", str(tmp_path / "other"), "--sharing_ratio", "0.7",
-                             "--resume_from_checkpoint", str(tmp_path / "full" / "checkpoint-3")])
+        example.main(
+            ARGS
+            + [
+                "--output_dir",
+                str(tmp_path / "other"),
+                "--sharing_ratio",
+                "0.7",
+                "--resume_from_checkpoint",
+                str(tmp_path / "full" / "checkpoint-3"),
+            ]
+        )

@@ -24,9 +24,12 @@ convergence = load("convergence")
 
 
 def fake_run(out, arm, seed, fid, lr=0.002):
-    cfg = {"models": {"name": "DiT-T/2"}, "optim": {"lr": lr, "ema_decay": 0.995},
-           "general": {"schedule_name": "linear", "global_batch_size": 64, "iterations": 20},
-           "eval": {"num_fid_samples": 10, "num_sampling_steps": 5}}
+    cfg = {
+        "models": {"name": "DiT-T/2"},
+        "optim": {"lr": lr, "ema_decay": 0.995},
+        "general": {"schedule_name": "linear", "global_batch_size": 64, "iterations": 20},
+        "eval": {"num_fid_samples": 10, "num_sampling_steps": 5},
+    }
     evals = [{"step": 10, "cfg_scale": 1.5, "fid": fid, "class_accuracy": 0.5, "precision": 0.5, "recall": 0.5}]
     with open(os.path.join(out, convergence.run_name(arm, seed) + ".json"), "w") as f:
         json.dump({"arm": arm, "seed": seed, "config": cfg, "evals": evals}, f)
@@ -34,7 +37,10 @@ def fake_run(out, arm, seed, fid, lr=0.002):
 
 def test_arm_overrides():
     assert convergence.arm_overrides("uw:0.8") == [
-        "general.loss_weight_type=uw", "models.routing.sharing_ratio=0.8", "models.routing.init_method=DTR"]
+        "general.loss_weight_type=uw",
+        "models.routing.sharing_ratio=0.8",
+        "models.routing.init_method=DTR",
+    ]
     assert convergence.arm_overrides("constant:0.8:random")[-1] == "models.routing.init_method=random"
     with pytest.raises(SystemExit, match="not <loss_weight_type>:<sharing_ratio>"):
         convergence.arm_overrides("uw")
@@ -97,9 +103,24 @@ def run_overhead(*args):
     import subprocess
     import sys
 
-    return subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "overhead.py"), "--model", "DiT-S/8",
-                           "--batch", "2", "--threads", "1", "--warmup", "0", *args],
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "benchmarks", "overhead.py"),
+            "--model",
+            "DiT-S/8",
+            "--batch",
+            "2",
+            "--threads",
+            "1",
+            "--warmup",
+            "0",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_a_variant_that_does_not_route_is_refused_before_timing():
@@ -133,7 +154,7 @@ def test_profile_counts_the_passes_each_router_adds_per_block(mode):
     mul, mul, add (8 + 8 + 12 B) forward and the same three backward."""
     r = run_overhead("--profile", "--mode", mode, "--json", "/dev/stdout")
     assert r.returncode == 0, r.stderr[-2000:]
-    prof = json.loads(r.stdout[r.stdout.index("{"):])["profile"]
+    prof = json.loads(r.stdout[r.stdout.index("{") :])["profile"]
     ours, paper = prof["dtr.wrap"], prof["paper-style"]
     first = "forward" if mode == "train" else "sampling call"
     assert ours[first]["ops_per_block"] == {"addcmul": 1, "mul": 1}
@@ -155,17 +176,27 @@ def test_gpu_suite_smoke_keeps_what_it_measured_within_its_deadline(tmp_path):
 
     suite = os.path.join(ROOT, "benchmarks", "gpu_suite.py")
     # the most important part (eager train step) and the pytest part, given plenty of time
-    r = subprocess.run([sys.executable, suite, "--smoke", "--deadline", "250", "--parts", "0", "2", "--out", str(tmp_path)],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, suite, "--smoke", "--deadline", "250", "--parts", "0", "2", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     report = json.loads((tmp_path / "gpu.json").read_text())
     statuses = [p["status"] for p in report["parts"]]
     assert statuses == ["ok", "no tests collected"] and r.returncode == 0, (statuses, r.stdout[-2000:])
     first = report["parts"][0]["result"]
-    assert statuses[0] == "ok" and first["verified"] and set(first["ratios"]) == {"unwrapped", "dtr.wrap", "paper-style"}
+    assert (
+        statuses[0] == "ok" and first["verified"] and set(first["ratios"]) == {"unwrapped", "dtr.wrap", "paper-style"}
+    )
     assert "| DiT-S/8 eager train step | ok |" in (tmp_path / "gpu.md").read_text()
     # nothing fits a 5 s deadline: every part is listed as not run, and the files are still written
-    r = subprocess.run([sys.executable, suite, "--smoke", "--deadline", "5", "--out", str(tmp_path / "short")],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, suite, "--smoke", "--deadline", "5", "--out", str(tmp_path / "short")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     short = json.loads((tmp_path / "short" / "gpu.json").read_text())
     assert r.returncode == 1 and {p["status"] for p in short["parts"]} == {"not run (deadline)"}
 

@@ -7,7 +7,7 @@ ones, or just before a named adapter), so routing a new family with no argument 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
@@ -22,8 +22,14 @@ from .unet import adm_unet_spec
 Adapter = Callable[[nn.Module], "RoutingSpec | None"]
 
 # Most specific first: SiT is DiT-shaped but runs on continuous time.
-_adapters: list[Adapter] = [sit_spec, dit_spec, diffusers_unet_spec, diffusers_dit_spec, diffusers_mmdit_spec,
-                            adm_unet_spec]
+_adapters: list[Adapter] = [
+    sit_spec,
+    dit_spec,
+    diffusers_unet_spec,
+    diffusers_dit_spec,
+    diffusers_mmdit_spec,
+    adm_unet_spec,
+]
 
 
 def register_adapter(adapter: Adapter, *, before: Adapter | str | None = None) -> Adapter:
@@ -46,7 +52,9 @@ def register_adapter(adapter: Adapter, *, before: Adapter | str | None = None) -
     elif isinstance(before, str) and before in names:
         index = names.index(before)
     else:
-        raise ValueError(f"before={getattr(before, '__name__', before)!r} is not a registered adapter; registered: {names}")
+        raise ValueError(
+            f"before={getattr(before, '__name__', before)!r} is not a registered adapter; registered: {names}"
+        )
     _adapters.insert(index, adapter)
     return adapter
 
@@ -65,5 +73,14 @@ def find_adapter(model: nn.Module) -> RoutingSpec | None:
     return None
 
 
-__all__ = ["adapters", "find_adapter", "register_adapter", "adm_unet_spec", "diffusers_dit_spec",
-           "diffusers_mmdit_spec", "diffusers_unet_spec", "dit_spec", "sit_spec"]
+__all__ = [
+    "adapters",
+    "find_adapter",
+    "register_adapter",
+    "adm_unet_spec",
+    "diffusers_dit_spec",
+    "diffusers_mmdit_spec",
+    "diffusers_unet_spec",
+    "dit_spec",
+    "sit_spec",
+]

@@ -65,7 +65,9 @@ def diffusers_unet_spec(model: nn.Module) -> RoutingSpec | None:
         timestep_kind=None if fourier else "index",
         adapter=f"diffusers {type(model).__name__}",
         note="a Fourier time embedding takes a noise level sigma, not a step index: convert sigma to a step index "
-        "or to [0, 1] yourself" if fourier else "",
+        "or to [0, 1] yourself"
+        if fourier
+        else "",
     )
 
 
@@ -109,8 +111,10 @@ READS = {
 
 def family_spec(model: nn.Module, families: Mapping[str, Family]) -> RoutingSpec | None:
     """The RoutingSpec of ``model`` if its class (or a base) is one of ``families``, else None."""
-    name = next((c.__name__ for c in type(model).__mro__
-                 if c.__name__ in families and c.__module__.startswith("diffusers.")), None)
+    name = next(
+        (c.__name__ for c in type(model).__mro__ if c.__name__ in families and c.__module__.startswith("diffusers.")),
+        None,
+    )
     if name is None:
         return None
     family = families[name]
@@ -133,6 +137,13 @@ def family_spec(model: nn.Module, families: Mapping[str, Family]) -> RoutingSpec
         patch = () if family.image_tokens == "tokens" else (config["patch_size"],) * 2
         image_tokens = ImageTokens("hidden_states", patch)
     note = f"timestep read as {pipeline} passes it: {READS[kind]}"
-    return RoutingSpec(blocks=blocks, placement="residual", io=io, timestep_arg="timestep", timestep_kind=kind,
-                       adapter=f"diffusers {name}", note=note + (f"; {family.note}" if family.note else ""),
-                       image_tokens=image_tokens)
+    return RoutingSpec(
+        blocks=blocks,
+        placement="residual",
+        io=io,
+        timestep_arg="timestep",
+        timestep_kind=kind,
+        adapter=f"diffusers {name}",
+        note=note + (f"; {family.note}" if family.note else ""),
+        image_tokens=image_tokens,
+    )

@@ -17,25 +17,43 @@ from .diffusers import Family, family_spec
 STREAM = BlockIO("hidden_states")
 
 FAMILIES = {
-    "DiTTransformer2DModel": Family((r"transformer_blocks\.\d+",), {"BasicTransformerBlock": STREAM}, "index",
-                                    "DiTPipeline"),
-    "PixArtTransformer2DModel": Family((r"transformer_blocks\.\d+",), {"BasicTransformerBlock": STREAM}, "index",
-                                       "PixArtAlphaPipeline/PixArtSigmaPipeline"),
+    "DiTTransformer2DModel": Family(
+        (r"transformer_blocks\.\d+",), {"BasicTransformerBlock": STREAM}, "index", "DiTPipeline"
+    ),
+    "PixArtTransformer2DModel": Family(
+        (r"transformer_blocks\.\d+",),
+        {"BasicTransformerBlock": STREAM},
+        "index",
+        "PixArtAlphaPipeline/PixArtSigmaPipeline",
+    ),
     "SanaTransformer2DModel": Family(
-        (r"transformer_blocks\.\d+",), {"SanaTransformerBlock": STREAM}, "index", "SanaPipeline",
+        (r"transformer_blocks\.\d+",),
+        {"SanaTransformerBlock": STREAM},
+        "index",
+        "SanaPipeline",
         variants=(("guidance_embeds", True, "unit", "SanaSprintPipeline"),),
         note="one class serves both pipelines: SanaPipeline passes sigma * 1000, SanaSprintPipeline (the only one "
-             "that drives config.guidance_embeds=True models) passes sigma; a custom sampler may need timestep_kind="),
+        "that drives config.guidance_embeds=True models) passes sigma; a custom sampler may need timestep_kind=",
+    ),
     "HunyuanDiT2DModel": Family(
-        (r"blocks\.\d+",), {"HunyuanDiTBlock": BlockIO("hidden_states", source="skip_linear")}, "index",
+        (r"blocks\.\d+",),
+        {"HunyuanDiTBlock": BlockIO("hidden_states", source="skip_linear")},
+        "index",
         "HunyuanDiTPipeline",
-        note="long-skip blocks route h + F(m * h) with h = skip_linear(skip_norm(cat(x, skip)))"),
-    "LuminaNextDiT2DModel": Family((r"layers\.\d+",), {"LuminaNextDiTBlock": STREAM}, "unit_reversed",
-                                   "LuminaPipeline"),
-    "LTXVideoTransformer3DModel": Family((r"transformer_blocks\.\d+",), {"LTXVideoTransformerBlock": STREAM},
-                                         "index", "LTXPipeline/LTXImageToVideoPipeline"),
-    "WanTransformer3DModel": Family((r"blocks\.\d+",), {"WanTransformerBlock": STREAM}, "index",
-                                    "WanPipeline/WanImageToVideoPipeline"),
+        note="long-skip blocks route h + F(m * h) with h = skip_linear(skip_norm(cat(x, skip)))",
+    ),
+    "LuminaNextDiT2DModel": Family(
+        (r"layers\.\d+",), {"LuminaNextDiTBlock": STREAM}, "unit_reversed", "LuminaPipeline"
+    ),
+    "LTXVideoTransformer3DModel": Family(
+        (r"transformer_blocks\.\d+",),
+        {"LTXVideoTransformerBlock": STREAM},
+        "index",
+        "LTXPipeline/LTXImageToVideoPipeline",
+    ),
+    "WanTransformer3DModel": Family(
+        (r"blocks\.\d+",), {"WanTransformerBlock": STREAM}, "index", "WanPipeline/WanImageToVideoPipeline"
+    ),
 }
 
 

@@ -20,31 +20,48 @@ IMAGE_SECOND = BlockIO("hidden_states", output=1)  # returns (encoder_hidden_sta
 JOINED = BlockIO("hidden_states", joined=True)  # one [text; image] tensor in and out
 
 FAMILIES = {
-    "SD3Transformer2DModel": Family((r"transformer_blocks\.\d+",), {"JointTransformerBlock": IMAGE_SECOND}, "index",
-                                    "StableDiffusion3Pipeline"),
+    "SD3Transformer2DModel": Family(
+        (r"transformer_blocks\.\d+",), {"JointTransformerBlock": IMAGE_SECOND}, "index", "StableDiffusion3Pipeline"
+    ),
     "FluxTransformer2DModel": Family(
         (r"transformer_blocks\.\d+", r"single_transformer_blocks\.\d+"),
-        {"FluxTransformerBlock": IMAGE_SECOND, "FluxSingleTransformerBlock": IMAGE_SECOND}, "unit", "FluxPipeline",
-        image_tokens="tokens", older={"FluxSingleTransformerBlock": ("encoder_hidden_states", JOINED)}),
+        {"FluxTransformerBlock": IMAGE_SECOND, "FluxSingleTransformerBlock": IMAGE_SECOND},
+        "unit",
+        "FluxPipeline",
+        image_tokens="tokens",
+        older={"FluxSingleTransformerBlock": ("encoder_hidden_states", JOINED)},
+    ),
     "AuraFlowTransformer2DModel": Family(
         (r"joint_transformer_blocks\.\d+", r"single_transformer_blocks\.\d+"),
-        {"AuraFlowJointTransformerBlock": IMAGE_SECOND, "AuraFlowSingleTransformerBlock": JOINED}, "unit",
-        "AuraFlowPipeline", image_tokens="latents"),
+        {"AuraFlowJointTransformerBlock": IMAGE_SECOND, "AuraFlowSingleTransformerBlock": JOINED},
+        "unit",
+        "AuraFlowPipeline",
+        image_tokens="latents",
+    ),
     "ChromaTransformer2DModel": Family(
         (r"transformer_blocks\.\d+", r"single_transformer_blocks\.\d+"),
-        {"ChromaTransformerBlock": IMAGE_SECOND, "ChromaSingleTransformerBlock": JOINED}, "unit", "ChromaPipeline",
-        image_tokens="tokens"),
+        {"ChromaTransformerBlock": IMAGE_SECOND, "ChromaSingleTransformerBlock": JOINED},
+        "unit",
+        "ChromaPipeline",
+        image_tokens="tokens",
+    ),
     "Lumina2Transformer2DModel": Family(
         (r"noise_refiner\.\d+", r"layers\.\d+"),
         # noise_refiner runs on the image tokens alone, layers on [caption; image] padded per sample
         {"Lumina2TransformerBlock": BlockIO("hidden_states", joined=True, valid="attention_mask")},
-        "unit_reversed", "Lumina2Pipeline", image_tokens="latents"),
-    "CogVideoXTransformer3DModel": Family((r"transformer_blocks\.\d+",), {"CogVideoXBlock": IMAGE_FIRST}, "index",
-                                          "CogVideoXPipeline"),
-    "CogView4Transformer2DModel": Family((r"transformer_blocks\.\d+",), {"CogView4TransformerBlock": IMAGE_FIRST},
-                                         "index", "CogView4Pipeline"),
-    "MochiTransformer3DModel": Family((r"transformer_blocks\.\d+",), {"MochiTransformerBlock": IMAGE_FIRST},
-                                      "index_reversed", "MochiPipeline"),
+        "unit_reversed",
+        "Lumina2Pipeline",
+        image_tokens="latents",
+    ),
+    "CogVideoXTransformer3DModel": Family(
+        (r"transformer_blocks\.\d+",), {"CogVideoXBlock": IMAGE_FIRST}, "index", "CogVideoXPipeline"
+    ),
+    "CogView4Transformer2DModel": Family(
+        (r"transformer_blocks\.\d+",), {"CogView4TransformerBlock": IMAGE_FIRST}, "index", "CogView4Pipeline"
+    ),
+    "MochiTransformer3DModel": Family(
+        (r"transformer_blocks\.\d+",), {"MochiTransformerBlock": IMAGE_FIRST}, "index_reversed", "MochiPipeline"
+    ),
 }
 
 

@@ -23,5 +23,8 @@ def sit_spec(model: nn.Module) -> RoutingSpec | None:
     if spec is None:
         return None
     repa = hasattr(model, "path_type")
-    return replace(spec, timestep_kind="unit" if repa else "unit_reversed",
-                   adapter="SiT (REPA: t = 0 is data)" if repa else "SiT (t = 1 is data)")
+    return replace(
+        spec,
+        timestep_kind="unit" if repa else "unit_reversed",
+        adapter="SiT (REPA: t = 0 is data)" if repa else "SiT (t = 1 is data)",
+    )

@@ -32,7 +32,9 @@ def adm_gate_modules(model: nn.Module) -> list[str]:
 
 def adm_unet_spec(model: nn.Module) -> RoutingSpec | None:
     """Recognise the ADM layout: ``input_blocks``, ``middle_block``, ``output_blocks`` and ResBlock ``out_layers``."""
-    if not all(isinstance(getattr(model, a, None), nn.Module) for a in ("input_blocks", "middle_block", "output_blocks")):
+    if not all(
+        isinstance(getattr(model, a, None), nn.Module) for a in ("input_blocks", "middle_block", "output_blocks")
+    ):
         return None
     blocks = adm_gate_modules(model)
     if not blocks:
