@@ -15,67 +15,21 @@ from pathlib import Path
 
 import torch
 from diffusers import DiTTransformer2DModel, UNet2DModel
+from helpers import INDEX_T, diffusers_dit, unet2d
+from helpers import dit_call as _dit_call
+from helpers import unet2d_call as _unet2d_call
 
 import dtr
 
-INDEX_T = torch.tensor([0, 999, 500, 37])  # both ends of [0, T) and two inside
-
-
-def perturbed(model, seed: int, scale: float = 0.1):
-    """Random non-zero weights everywhere: zero-initialised output layers would hide what routing changes."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g))
-    return model
-
-
-def unet2d(seed: int = 0) -> UNet2DModel:
-    """A 1-channel 8x8 UNet2DModel with an attention block: both routed kinds (ResNet and attention norms)."""
-    torch.manual_seed(seed)
-    return perturbed(
-        UNet2DModel(
-            sample_size=8,
-            in_channels=1,
-            out_channels=1,
-            block_out_channels=(8, 16),
-            layers_per_block=1,
-            norm_num_groups=4,
-            attention_head_dim=8,
-            down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-            up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        ),
-        seed,
-    )
-
-
-def dit(seed: int = 0) -> DiTTransformer2DModel:
-    """A 2-layer class-conditional DiTTransformer2DModel on 8x8 latents."""
-    torch.manual_seed(seed)
-    return perturbed(
-        DiTTransformer2DModel(
-            num_attention_heads=2,
-            attention_head_dim=8,
-            in_channels=4,
-            out_channels=4,
-            num_layers=2,
-            sample_size=8,
-            patch_size=2,
-            num_embeds_ada_norm=10,
-        ),
-        seed,
-    )
+dit = diffusers_dit  # a 2-layer class-conditional DiTTransformer2DModel on 8x8 latents
 
 
 def unet2d_call(model, t=INDEX_T, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return model(torch.randn(len(t), 1, 8, 8, generator=g), t).sample
+    return _unet2d_call(model, t, seed, batch=len(t))
 
 
 def dit_call(model, t=INDEX_T, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(len(t), 4, 8, 8, generator=g)
-    return model(x, timestep=t, class_labels=torch.arange(len(t)) % 10).sample
+    return _dit_call(model, t, seed, batch=len(t))
 
 
 MODELS = {
