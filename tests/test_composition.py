@@ -194,8 +194,18 @@ def test_offloading_and_casting_hooks(system, order):
     check_system(order, system)
 
 
+@pytest.fixture
+def accelerate_state():
+    """accelerate keeps one AcceleratorState per process: leave none behind with bf16 for the next test's
+    Accelerator() in this worker (accelerate refuses a second, different mixed precision)."""
+    from accelerate.state import AcceleratorState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.mark.parametrize("order", ORDERS)
-def test_accelerator_prepare_with_mixed_precision_and_unwrap_after_it(order):
+def test_accelerator_prepare_with_mixed_precision_and_unwrap_after_it(order, accelerate_state):
     """accelerate's mixed precision replaces model.forward on the instance (autocast + outputs to fp32)."""
     from accelerate import Accelerator
 
