@@ -16,7 +16,8 @@ import dtr
 pytestmark = pytest.mark.slow
 
 # Which graph runs is TorchDynamo's decision (guards), the same for every backend: most tests compile with
-# aot_eager (TorchDynamo + AOTAutograd, seconds); one order and the checkpointed model also go through inductor.
+# aot_eager (TorchDynamo + AOTAutograd, seconds); the checkpointed routed model (forward and backward) also goes
+# through inductor (test_compiled_gradient_checkpointing_matches_eager), whose cold C++ builds cost about a minute.
 BACKEND = "aot_eager"
 OUT_TOL = dict(rtol=1e-4, atol=2e-5)  # inductor fuses and reorders float ops
 GRAD_TOL = dict(rtol=1e-3, atol=1e-5)
@@ -65,13 +66,13 @@ def graphs():
 # -- every order ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("routed_first, backend", [(False, "aot_eager"), (True, "aot_eager"), (True, "inductor")])
-def test_unrouted_and_routed_compiled_in_either_order(routed_first, backend):
+@pytest.mark.parametrize("routed_first", [False, True])
+def test_unrouted_and_routed_compiled_in_either_order(routed_first):
     base, routed = model_pair()
     dtr.wrap(routed, sharing_ratio=0.5)
     x, t, y = inputs(batch=4)
     order = [routed, base] if routed_first else [base, routed]
-    compiled = {id(m): torch.compile(m, backend=backend) for m in order}
+    compiled = {id(m): torch.compile(m, backend=BACKEND) for m in order}
     before = graphs()
     got = {id(m): out(compiled[id(m)], x, t, y) for m in order}
     assert graphs() - before == 2  # two graphs: neither model ran the other's
@@ -146,6 +147,55 @@ def test_each_block_compiled_once_for_all_blocks_after_unrouted_blocks_were_comp
     for block in routed.blocks:
         block._compiled_call_impl = None  # back to eager
     assert_grads_close(compiled_grads, grads(routed, routed, x, t, y))
+
+
+@pytest.mark.parametrize("checkpointing_first", [False, True])
+def test_blocks_compiled_on_their_own_inside_eager_checkpointing(checkpointing_first):
+    """Regional compile with the checkpoint outside the compiled block (a training set-up: diffusers'
+    compile_repeated_blocks + enable_gradient_checkpointing): the recomputed block routes by the call it was
+    recorded in, in either order; unwrap and wrap again keep working on the compiled blocks."""
+    base, model = model_pair()
+    routing = dtr.wrap(model, sharing_ratio=0.5)
+    model.train()
+    x, t, y = inputs(batch=4)
+    want = grads(model, model, x, t, y)  # eager, no checkpointing
+
+    def checkpointing():
+        model.gradient_checkpointing = True
+
+    def compile_blocks():
+        for block in model.blocks:
+            block.compile(backend=BACKEND)
+
+    for step in (checkpointing, compile_blocks) if checkpointing_first else (compile_blocks, checkpointing):
+        step()
+    assert_grads_close(grads(model, model, x, t, y), want)
+    routing.remove()
+    base.train()
+    assert_grads_close(grads(model, model, x, t, y), grads(base, base, x, t, y))
+    dtr.wrap(model, sharing_ratio=0.5)  # the blocks' compiled calls were compiled routed: accepted
+    assert_grads_close(grads(model, model, x, t, y), want)
+
+
+def test_diffusers_compile_repeated_blocks_with_gradient_checkpointing():
+    model = diffusers_dit().train()
+    dtr.wrap(model, sharing_ratio=0.5)
+
+    def loss_grads():
+        model.zero_grad()
+        dit_call(model, INDEX_T).square().mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    want = loss_grads()
+    model.enable_gradient_checkpointing()
+    if hasattr(model, "compile_repeated_blocks"):  # diffusers >= 0.34
+        model._repeated_blocks = ["BasicTransformerBlock"]  # DiT declares none; the routed blocks
+        model.compile_repeated_blocks(backend=BACKEND)
+    else:
+        for block in model.transformer_blocks:
+            block.compile(backend=BACKEND)
+    assert all(b._compiled_call_impl is not None for b in model.transformer_blocks)
+    assert_grads_close(loss_grads(), want)
 
 
 def _eager(model, x, t, y):

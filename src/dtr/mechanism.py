@@ -13,6 +13,10 @@ A behaviour is any object with ``call(module, call_impl, args, kwargs)`` and ``c
 deepcopy that reaches the module keeps it); ``intercepts_forward = True`` also routes direct
 ``module.forward(...)`` calls through ``behaviour.forward(module, forward, args, kwargs)``.
 
+A behaviour may also have ``call_compiled(module, compiled, call_impl, args, kwargs)``: the eager entry of a
+module compiled on its own (``module.compile()``, diffusers' ``compile_repeated_blocks``), run before its compiled
+call, where state TorchDynamo cannot see (an eager checkpoint region around the module) is still readable.
+
 ``detach`` gives the class back when it is still exactly the routed one.  When another system has since
 subclassed it (``parametrize``, FSDP2's ``fully_shard``), the class stays and, without a behaviour, every
 call is the base class's call: unwrap always finishes, and never leaves a module half routed.
@@ -27,6 +31,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from torch import nn
+from torch.compiler import is_compiling
 
 ATTR = "_dtr_behaviour"
 INNER = "_dtr_instance_forward"  # an instance forward found at attach, now called through _instance_forward
@@ -116,6 +121,8 @@ def _has_forward(cls: type) -> bool:
 
 def _compiled_from_routed(compiled: Any) -> bool:
     """Whether a module's ``_compiled_call_impl`` (``module.compile()``) compiled a routed ``_call_impl``."""
+    if getattr(compiled, "_dtr_call_impl", False):  # the eager entry the routed class's compile() puts first
+        return True
     orig = getattr(compiled, "_torchdynamo_orig_callable", None)
     return getattr(getattr(orig, "__func__", orig), "_dtr_call_impl", False)
 
@@ -157,10 +164,28 @@ def _make_routed_class(base: type, with_forward: bool) -> type:
             return base.forward(self, *args, **kwargs)
         return behaviour.forward(self, base.forward, args, kwargs)  # base.forward read now: class patches apply
 
+    def compile(self, *args, **kwargs):
+        # nn.Module.compile compiles _call_impl; calls then reach the compiled code without running any of ours
+        # eagerly. A behaviour with call_compiled gets that eager step back, in front of the compiled call.
+        base.compile(self, *args, **kwargs)
+        compiled = self.__dict__.get("_compiled_call_impl")
+        if compiled is None or not hasattr(getattr(self, ATTR, None), "call_compiled"):
+            return
+
+        def entry(*args, **kwargs):
+            behaviour = getattr(self, ATTR, None)
+            if behaviour is None or is_compiling():  # unwrapped, or inside a larger compiled region
+                return compiled(*args, **kwargs)
+            return behaviour.call_compiled(self, compiled, base_call_impl, args, kwargs)
+
+        entry._dtr_call_impl = True
+        self._compiled_call_impl = entry
+
     call_impl = _own_code(_call_impl, f"_call_impl_{base.__name__}")
     call_impl._dtr_call_impl = True
     namespace = {
         "_call_impl": call_impl,
+        "compile": compile,
         "__reduce_ex__": _reduce_routed,
         "__deepcopy__": _deepcopy_routed,
         "_dtr_base": base,

@@ -151,6 +151,21 @@ class _Placement:
             if calls.current() is not outer:
                 calls.restore(outer)
 
+    def call_compiled(self, module: nn.Module, compiled: Callable, call_impl: Callable, args: tuple, kwargs: dict):
+        """A call of a block compiled on its own (``block.compile()``): find its call here, eagerly, where an eager
+        checkpoint region around the block can be seen (recorded, or replayed while it is recomputed); the compiled
+        code then reads the call this pushes."""
+        calls = self.runtime.calls
+        outer = calls.current()
+        try:
+            call = self.runtime.call_for(self.name, outer)
+            if call is None:  # recomputing a region opened inside this module's own call: what ran there
+                return call_impl(module, *args, **kwargs)
+            return compiled(*args, **kwargs)
+        finally:
+            if calls.current() is not outer:
+                calls.restore(outer)
+
     def stream(self, output: Any) -> torch.Tensor:
         """The routed stream in a module's output (``BlockIO.output``)."""
         k = self.io.output
