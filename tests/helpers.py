@@ -327,7 +327,7 @@ def diffusers_dit(seed=0):
     )
 
 
-def unet2d_call(model, t, seed=1, batch=4):
+def unet2d_call(model, t=INDEX_T, seed=1, batch=4):
     g = torch.Generator().manual_seed(seed)
     return model(torch.randn(batch, 1, 8, 8, generator=g), t).sample
 
@@ -338,7 +338,7 @@ def unet_cond_call(model, t, seed=1, batch=4):
     return model(x, t, encoder_hidden_states=ctx).sample
 
 
-def dit_call(model, t, seed=1, batch=4):
+def dit_call(model, t=INDEX_T, seed=1, batch=4):
     g = torch.Generator().manual_seed(seed)
     x, y = torch.randn(batch, 4, 8, 8, generator=g), torch.randint(0, 10, (batch,), generator=g)
     return model(x, timestep=t, class_labels=y).sample

@@ -1,5 +1,6 @@
-"""What tests/test_hub.py needs: tiny diffusers models, a routed model trained a few steps, the call that
-compares outputs, and a Hugging Face cache holding a saved folder as a Hub repo (nothing is downloaded here).
+"""What tests/test_hub.py needs: the tiny diffusers models of helpers.py by class, a routed model trained a few
+steps, the call that compares outputs, and a Hugging Face cache holding a saved folder as a Hub repo (nothing is
+downloaded here).
 
 The cache is laid out as huggingface_hub lays it out (``models--org--name/{blobs,refs,snapshots/<commit>}``,
 snapshot files linking to content-addressed blobs, one file per ref holding a commit hash), so loading by repo
@@ -15,26 +16,13 @@ from pathlib import Path
 
 import torch
 from diffusers import DiTTransformer2DModel, UNet2DModel
-from helpers import INDEX_T, diffusers_dit, unet2d
-from helpers import dit_call as _dit_call
-from helpers import unet2d_call as _unet2d_call
+from helpers import diffusers_dit, dit_call, unet2d, unet2d_call
 
 import dtr
 
-dit = diffusers_dit  # a 2-layer class-conditional DiTTransformer2DModel on 8x8 latents
-
-
-def unet2d_call(model, t=INDEX_T, seed: int = 1) -> torch.Tensor:
-    return _unet2d_call(model, t, seed, batch=len(t))
-
-
-def dit_call(model, t=INDEX_T, seed: int = 1) -> torch.Tensor:
-    return _dit_call(model, t, seed, batch=len(t))
-
-
 MODELS = {
     "UNet2DModel": (UNet2DModel, unet2d, unet2d_call),
-    "DiTTransformer2DModel": (DiTTransformer2DModel, dit, dit_call),
+    "DiTTransformer2DModel": (DiTTransformer2DModel, diffusers_dit, dit_call),
 }
 
 

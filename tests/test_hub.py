@@ -14,7 +14,8 @@ import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, DiTTransformer2DModel, UNet2DModel
 from diffusers.training_utils import EMAModel
-from hub_helpers import MODELS, dit, outputs, publish, trained, unet2d, unet2d_call
+from helpers import diffusers_dit, unet2d, unet2d_call
+from hub_helpers import MODELS, outputs, publish, trained
 
 import dtr
 
@@ -463,7 +464,7 @@ def test_a_class_that_is_not_diffusers_is_refused_by_name(tmp_path):
 
 def test_the_dit_family_saves_in_a_pipeline_subfolder_too(tmp_path):
     """A transformer saved as a pipeline's component (here alone) loads routed from its subfolder."""
-    model, routing = trained(dit, MODELS["DiTTransformer2DModel"][2])
+    model, routing = trained(diffusers_dit, MODELS["DiTTransformer2DModel"][2])
     model.save_pretrained(tmp_path / "transformer")
     loaded = dtr.from_pretrained(DiTTransformer2DModel, tmp_path, subfolder="transformer")
     assert_routed_as(loaded, model, routing, MODELS["DiTTransformer2DModel"][2])

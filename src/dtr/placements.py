@@ -139,32 +139,24 @@ class _Placement:
         """A block keeps its routing in a copy of the whole model; copied on its own it is a plain module."""
         return id(self.runtime) in memo
 
-    def call(self, module: nn.Module, call_impl: Callable, args: tuple, kwargs: dict) -> Any:
+    def call(self, module: nn.Module, call_impl: Callable, args: tuple, kwargs: dict, compiled=None) -> Any:
         calls = self.runtime.calls
         outer = calls.current()
         try:  # in a checkpoint recomputation call_for pushes a call with the tasks the region recorded
             call = self.runtime.call_for(self.name, outer)
-            if call is None:
+            if call is None:  # recomputing a region opened inside this module's own call: what ran there
                 return call_impl(module, *args, **kwargs)
+            if compiled is not None:  # the compiled code routes, reading the call found here
+                return compiled(*args, **kwargs)
             return self.route(module, call_impl, call, args, kwargs)
         finally:
             if calls.current() is not outer:
                 calls.restore(outer)
 
     def call_compiled(self, module: nn.Module, compiled: Callable, call_impl: Callable, args: tuple, kwargs: dict):
-        """A call of a block compiled on its own (``block.compile()``): find its call here, eagerly, where an eager
-        checkpoint region around the block can be seen (recorded, or replayed while it is recomputed); the compiled
-        code then reads the call this pushes."""
-        calls = self.runtime.calls
-        outer = calls.current()
-        try:
-            call = self.runtime.call_for(self.name, outer)
-            if call is None:  # recomputing a region opened inside this module's own call: what ran there
-                return call_impl(module, *args, **kwargs)
-            return compiled(*args, **kwargs)
-        finally:
-            if calls.current() is not outer:
-                calls.restore(outer)
+        """A call of a block compiled on its own (``block.compile()``): its call is found eagerly, where an eager
+        checkpoint region around the block can be seen (recorded, or replayed while it is recomputed)."""
+        return self.call(module, call_impl, args, kwargs, compiled)
 
     def stream(self, output: Any) -> torch.Tensor:
         """The routed stream in a module's output (``BlockIO.output``)."""
