@@ -28,13 +28,21 @@ from .intervals import (
 )
 from .samplers import StratifiedTimestepSampler
 from .uncertainty import UncertaintyWeighting
-from .weights import LossWeighting, min_snr_weight, p2_weight, parse_loss_weight_type, snr_from_alphas_cumprod
+from .weights import (
+    LossWeighting,
+    flow_snr,
+    min_snr_weight,
+    p2_weight,
+    parse_loss_weight_type,
+    snr_from_alphas_cumprod,
+)
 
 __all__ = [
     "LossWeighting",
     "StratifiedTimestepSampler",
     "UncertaintyWeighting",
     "cluster_intervals",
+    "flow_snr",
     "interval_index",
     "min_snr_weight",
     "p2_weight",
