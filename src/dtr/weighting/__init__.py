@@ -25,9 +25,10 @@ from .intervals import (
     interval_index,
     snr_intervals,
     uniform_intervals,
+    unit_intervals,
 )
 from .samplers import StratifiedTimestepSampler
-from .uncertainty import UncertaintyWeighting
+from .uncertainty import ContinuousUncertaintyWeighting, FourierFeatures, UncertaintyWeighting
 from .weights import (
     LossWeighting,
     flow_snr,
@@ -38,6 +39,8 @@ from .weights import (
 )
 
 __all__ = [
+    "ContinuousUncertaintyWeighting",
+    "FourierFeatures",
     "LossWeighting",
     "StratifiedTimestepSampler",
     "UncertaintyWeighting",
@@ -50,4 +53,5 @@ __all__ = [
     "snr_from_alphas_cumprod",
     "snr_intervals",
     "uniform_intervals",
+    "unit_intervals",
 ]
