@@ -22,6 +22,7 @@ from dtr.weighting import (
     cluster_intervals,
     flow_snr,
     interval_index,
+    quantile_intervals,
     snr_intervals,
     uniform_intervals,
     unit_intervals,
@@ -260,6 +261,23 @@ def base_cdf(case):
     return unshifted
 
 
+def base_quantile(case):
+    """The inverse CDF of a density case, written out with scipy and diffusers' mode formula (u = 1 - p)."""
+    density, shift = case["density"], case.get("shift", 1.0)
+
+    def quantile(p):
+        if density == "uniform":
+            s0 = p
+        elif density == "logit_normal":
+            s0 = special.expit(case.get("logit_mean", 0.0) + case.get("logit_std", 1.0) * stats.norm.ppf(p))
+        else:
+            c, u = case.get("mode_scale", 1.29), 1 - p
+            s0 = 1 - u - c * (np.cos(np.pi * u / 2) ** 2 - 1 + u)
+        return shift * s0 / (1 + (shift - 1) * s0)
+
+    return quantile
+
+
 def truncated_cdf(cdf, a, b):
     lo, hi = cdf(np.array([a]))[0], cdf(np.array([b]))[0]
     return lambda x: (cdf(np.clip(x, a, b)) - lo) / (hi - lo)
@@ -321,6 +339,35 @@ def test_sampler_reaches_far_tails():
     assert cdf(np.array([0.999999]))[0] > 1 - 1e-5
     with pytest.raises(ValueError, match=r"intervals\[1\] = \(0.99999, 1.0\) has probability 0 in float64"):
         StratifiedTimestepSampler([(0.0, 0.99999), (0.99999, 1.0)], "logit_normal", logit_std=0.1)
+
+
+@pytest.mark.parametrize("case", DENSITY_CASES, ids=lambda c: "-".join(f"{v}" for v in c.values()))
+def test_quantile_intervals_have_equal_mass_and_keep_the_density(case):
+    """Boundaries at the density's quantiles i / k (the CDF written out here), and ANT's equal share per interval
+    then draws the density itself: the whole stratified batch passes a KS test against the plain CDF."""
+    k = 8
+    intervals = quantile_intervals(k, **case)
+    assert len(intervals) == k and intervals[0][0] == 0.0 and intervals[-1][1] == 1.0
+    cdf = base_cdf(case)
+    inner = np.array([a for a, _ in intervals[1:]])
+    np.testing.assert_allclose(inner, base_quantile(case)(np.arange(1, k) / k), rtol=1e-12)
+    np.testing.assert_allclose(cdf(inner), np.arange(1, k) / k, atol=1e-5)  # the mode table is coarse at its flat point
+    s = StratifiedTimestepSampler(intervals, **case).sample(
+        8000, generator=torch.Generator().manual_seed(3), dtype=torch.float64
+    )
+    assert stats.kstest(s.numpy(), cdf).pvalue > 1e-3
+
+
+def test_quantile_intervals_validation():
+    assert quantile_intervals(1, "logit_normal") == [(0.0, 1.0)]
+    assert quantile_intervals(4) == unit_intervals(4)
+    assert quantile_intervals(2, shift=3.0) == [(0.0, 0.75), (0.75, 1.0)]  # 3 * 0.5 / (1 + 2 * 0.5)
+    with pytest.raises(ValueError, match="k must be an int >= 1"):
+        quantile_intervals(0)
+    with pytest.raises(ValueError, match="density must be one of"):
+        quantile_intervals(2, "normal")
+    with pytest.raises(ValueError, match="quantiles of density='logit_normal'.* are not distinct in float64"):
+        quantile_intervals(4, "logit_normal", logit_mean=40.0, logit_std=0.1)  # every quantile rounds to 1.0
 
 
 @FAST

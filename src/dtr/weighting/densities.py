@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from ..validation import check_choice, check_float
+from ..validation import check_choice, check_float, check_int
 
 DENSITIES = ("uniform", "logit_normal", "mode")
 _MODE_SCALE_MAX = 2 / (math.pi - 2)  # beyond it (or below -1) SD3's mode map is not monotone: not a density
@@ -115,6 +115,26 @@ class TruncatedDensity:
         }[self.density]
         shift = f", shift={self.shift!r}" if self.shift != 1.0 else ""
         return f"density={self.density!r}{params}{shift}"
+
+
+def quantile_intervals(
+    k: int,
+    density: str = "uniform",
+    *,
+    logit_mean: float | None = None,
+    logit_std: float | None = None,
+    mode_scale: float | None = None,
+    shift: float = 1.0,
+) -> list[tuple[float, float]]:
+    """k float intervals of equal probability under a density (its quantiles ``F^-1(i / k)``): with them, ANT's
+    equal share per interval keeps the density itself, where equal-width intervals flatten it across intervals."""
+    k = check_int(k, "k", minimum=1)
+    law = TruncatedDensity(density, logit_mean=logit_mean, logit_std=logit_std, mode_scale=mode_scale, shift=shift)
+    p = torch.arange(k + 1, dtype=torch.float64) / k
+    bounds = [0.0, *law.draw(p, torch.zeros_like(p, dtype=torch.bool))[1:-1].tolist(), 1.0]
+    if any(b <= a for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(f"k={k} quantiles of {law!r} are not distinct in float64: use fewer intervals")
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 def _ndtr(z):
