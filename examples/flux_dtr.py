@@ -3,6 +3,7 @@ Denoising Task Routing on a Flux transformer: train a tiny one to draw handwritt
 
     python examples/flux_dtr.py                   # DTR and the unrouted baseline, side by side in flux_dtr/samples.png
     python examples/flux_dtr.py --no-baseline     # DTR only (half the time)
+    python examples/flux_dtr.py --weighting uw    # with ANT-UW, the paper's best weighting (others: section 4)
     python examples/flux_dtr.py --sharing-ratio 1.0 --no-baseline   # sharing_ratio 1.0 is no routing at all
 
 Read it top to bottom; each section says what it does and why:
@@ -13,7 +14,7 @@ Read it top to bottom; each section says what it does and why:
    the T5 and CLIP text encoders, one fixed embedding per digit ("a 3"), in the shapes Flux takes prompts.
 3. DTR: the one added line, `dtr.wrap(transformer, sharing_ratio=0.8)`.
 4. Training: flow matching as Flux trains: x_s = (1 - s) x0 + s eps, the model predicts the velocity eps - x0,
-   noise levels s from a logit-normal density.
+   noise levels s from a logit-normal density; --weighting picks how the errors are weighed (Min-SNR, ANT-UW, ...).
 5. Sampling: Euler steps of the flow ODE from pure noise (s = 1) to an image (s = 0), with classifier-free guidance.
 6. Checking: the digits classifier of examples/dit reads every sample; its accuracy says whether the model draws
    the digit it was asked for (10 % is chance).
@@ -31,6 +32,14 @@ from sklearn.datasets import load_digits
 from torchvision.utils import make_grid
 
 import dtr
+from dtr.weighting import (
+    ContinuousUncertaintyWeighting,
+    StratifiedTimestepSampler,
+    UncertaintyWeighting,
+    flow_snr,
+    parse_loss_weight_type,
+    quantile_intervals,
+)
 
 # The digits classifier lives with the DiT recipe (examples/dit/digits_classifier.py), which trains and caches it.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "dit"))
@@ -39,34 +48,51 @@ import digits_classifier  # noqa: E402
 # -----------------------------------------------------------------------------
 # Settings: every knob is a command-line flag.
 
+WEIGHTINGS = '"constant", "min_snr_<gamma>" (e.g. min_snr_5), "p2weight_<gamma>_<k>" (e.g. p2weight_1_1), "uw", "edm2"'
+DENSITIES = ("logit_normal", "uniform", "mode")
+
 parser = argparse.ArgumentParser(description="Train a tiny Flux transformer with DTR on digits, then sample it.")
-parser.add_argument("--steps", type=int, default=3000, help="training steps per model")
+parser.add_argument("--steps", type=int, default=1000, help="training steps per model")
 parser.add_argument("--batch-size", type=int, default=64)
 parser.add_argument("--lr", type=float, default=1e-3)
 parser.add_argument("--width", type=int, default=64, help="the transformer's width (2 attention heads)")
 parser.add_argument("--sharing-ratio", type=float, default=0.8, help="DTR's beta: share of channels each task uses")
+parser.add_argument(
+    "--weighting", default="constant", help=f"how per-sample losses are weighed (section 4): {WEIGHTINGS}"
+)
+parser.add_argument("--density", default="logit_normal", choices=DENSITIES, help="how noise levels s are drawn")
 parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True, help="also train unrouted")
 parser.add_argument("--sample-steps", type=int, default=20, help="Euler steps from noise to image")
 parser.add_argument("--cfg-scale", type=float, default=2.0, help="classifier-free guidance; 1.0 turns it off")
 parser.add_argument("--per-digit", type=int, default=10, help="samples of each digit (a row of the grid each)")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--threads", type=int, default=1, help="CPU threads (a tiny model runs fastest on one)")
-parser.add_argument("--log-every", type=int, default=500)
+parser.add_argument("--log-every", type=int, default=250)
 parser.add_argument("--out", default="flux_dtr", help="folder for samples.png")
 parser.add_argument("--classifier", default=None, help="digits classifier weights (default: the recipe's cache)")
 
 
-def check_args(args):
-    """Fail early, naming the flag, rather than deep inside training."""
+def parse_args(argv=None):
+    """The flags, checked: bad values stop here with a message naming the flag, not deep inside training."""
+    args = parser.parse_args(argv)
     for name in ("steps", "batch_size", "width", "sample_steps", "per_digit", "threads", "log_every"):
         if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.width % 32:
-        raise SystemExit(f"--width must be a multiple of 32 (2 heads, rotary axes of even sizes), got {args.width}")
+        parser.error(f"--width must be a multiple of 32 (2 heads, rotary axes of even sizes), got {args.width}")
     if not 0 < args.sharing_ratio <= 1:
-        raise SystemExit(f"--sharing-ratio must be in (0, 1], got {args.sharing_ratio}")
-    if args.lr <= 0 or args.cfg_scale < 0:
-        raise SystemExit("--lr must be > 0 and --cfg-scale >= 0")
+        parser.error(f"--sharing-ratio must be in (0, 1], got {args.sharing_ratio}")
+    if not args.lr > 0:
+        parser.error(f"--lr must be > 0, got {args.lr}")
+    if not args.cfg_scale >= 0:
+        parser.error(f"--cfg-scale must be >= 0, got {args.cfg_scale}")
+    if args.weighting != "edm2":
+        try:
+            parse_loss_weight_type(args.weighting)
+        except ValueError:
+            hint = " (that is a density: --density)" if args.weighting in DENSITIES else ""
+            parser.error(f"--weighting must be one of {WEIGHTINGS}, got {args.weighting!r}{hint}")
+    return args
 
 
 # -----------------------------------------------------------------------------
@@ -152,16 +178,33 @@ def velocity(model, x, s, prompt, prompts):
 
 # -----------------------------------------------------------------------------
 # 4. Training: flow matching, as diffusers' Flux training scripts do it.
-#   - a noise level s per sample from a logit-normal density (SD3/Flux's default: most samples near s = 0.5,
-#     where the velocity is hardest to predict),
+#   - a noise level s per sample, drawn from --density: logit-normal by default (SD3 and Flux: most samples near
+#     s = 0.5, where the velocity is hardest to predict),
 #   - x_s = (1 - s) * x0 + s * eps: a straight line from the image (s = 0) to noise (s = 1),
-#   - the model predicts the velocity along that line, dx_s/ds = eps - x0, under a squared error.
+#   - the model predicts the velocity along that line, dx_s/ds = eps - x0; its squared error per sample is
+#   - combined by --weighting, with dtr.weighting's flow-matching forms of the weightings the DTR paper pairs with
+#     routing (each is the paper's epsilon-loss objective, rewritten for the velocity):
+#       constant       the plain mean (what Flux does),
+#       min_snr_5      Min-SNR-5: w(s) = min(SNR, 5) * s^2, with SNR = ((1 - s) / s)^2,
+#       p2weight_1_1   P2 (gamma 1, k 1): w(s) = s^2 / (1 + SNR),
+#       uw             ANT-UW: s in 8 intervals of equal probability; every batch takes an equal share of each
+#                      (so s still follows --density) and a learned log-variance per interval weighs its loss,
+#       edm2           EDM2's continuous form of it: a learned log-variance u(s) of the noise level itself.
 # 10 % of the prompts are replaced by the empty prompt, so the model also learns the unconditional velocity.
 
 
 def train(model, data, prompts, args, label):
     images, labels = data
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    weighting = parse_loss_weight_type("constant" if args.weighting == "edm2" else args.weighting)
+    intervals = quantile_intervals(8, args.density) if args.weighting == "uw" else [(0.0, 1.0)]
+    sampler = StratifiedTimestepSampler(intervals, args.density)  # one interval: s simply follows the density
+    learned = None  # the uncertainty weightings learn their weights, with their own learning rate
+    if args.weighting == "uw":
+        learned = UncertaintyWeighting(intervals=intervals)
+    elif args.weighting == "edm2":
+        learned = ContinuousUncertaintyWeighting()
+    groups = [{"params": model.parameters()}] + ([learned.param_group()] if learned is not None else [])
+    opt = torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(args.seed)  # the same batches, noise and s for every model: a paired comparison
     model.train()
     start, running = time.time(), 0.0
@@ -170,17 +213,34 @@ def train(model, data, prompts, args, label):
         x0, prompt = images[batch], labels[batch]
         prompt = torch.where(torch.rand(args.batch_size, generator=g) < 0.1, EMPTY_PROMPT, prompt)
         eps = torch.randn(x0.shape, generator=g)
-        s = torch.sigmoid(torch.randn(args.batch_size, generator=g))  # logit-normal(0, 1)
+        s = sampler.sample(args.batch_size, generator=g)
         x_s = (1 - s[:, None, None]) * x0 + s[:, None, None] * eps
-        loss = ((velocity(model, x_s, s, prompt, prompts) - (eps - x0)) ** 2).mean()
+        error = ((velocity(model, x_s, s, prompt, prompts) - (eps - x0)) ** 2).mean(dim=(1, 2))  # (B,)
+        weighted = weighting.weight(flow_snr(s), prediction="flow") * error  # weight 1 for constant, uw, edm2
+        if args.weighting == "uw":
+            loss = learned(weighted, t=s)  # sum over intervals of 0.5 * (exp(-u_i) * L_i + u_i)
+        elif args.weighting == "edm2":
+            loss = learned(weighted, s)  # mean of L / exp(u(s)) + u(s)
+        else:
+            loss = weighted.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        running += loss.item()
+        running += error.mean().item()
         if step % args.log_every == 0 or step == args.steps:
             n = step % args.log_every or args.log_every
-            print(f"  [{label}] step {step}/{args.steps}  loss {running / n:.4f}  ({time.time() - start:.0f} s)")
+            print(
+                f"  [{label}] step {step}/{args.steps}  velocity mse {running / n:.4f}  ({time.time() - start:.0f} s)"
+            )
             running = 0.0
+    if learned is not None:  # what was learned: the weight exp(-u) of each interval (at its middle) or level
+        if args.weighting == "uw":
+            levels, weights = [(a + b) / 2 for a, b in intervals], learned.weights().tolist()
+        else:
+            levels = [0.1, 0.3, 0.5, 0.7, 0.9]
+            weights = learned.weights(torch.tensor(levels)).tolist()
+        pairs = ", ".join(f"{level:.2f}: {w:.2f}" for level, w in zip(levels, weights))
+        print(f"  [{label}] learned weight by noise level s: {pairs}")
     return time.time() - start
 
 
@@ -248,8 +308,7 @@ def save_grids(panels, path):
 
 
 def main(argv=None):
-    args = parser.parse_args(argv)
-    check_args(args)
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     begin = time.time()
 
@@ -272,9 +331,12 @@ def main(argv=None):
     print(routing.summary())
 
     classifier, held_out = digits_classifier.load_classifier(args.classifier)
+    print(f"Digits classifier for checking the samples: {held_out:.1%} right on held-out real digits")
     results = {}
     for label, net in arms:
-        print(f"Training {label} for {args.steps} steps (batch {args.batch_size})")
+        print(
+            f"Training {label} for {args.steps} steps (batch {args.batch_size}, {args.weighting}, s ~ {args.density})"
+        )
         seconds = train(net, data, prompts, args, label)
         images, digit = sample(net, prompts, args)
         acc = accuracy(classifier, images, digit)
@@ -286,7 +348,10 @@ def main(argv=None):
 
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "samples.png")
-    save_grids([(f"{label}: {r['accuracy']:.0%} recognised", r["images"]) for label, r in results.items()], path)
+    titles = {"DTR": f"DTR (sharing_ratio {args.sharing_ratio})", "baseline": "baseline (not routed)"}
+    save_grids(
+        [(f"{titles[label]}: {r['accuracy']:.0%} recognised", r["images"]) for label, r in results.items()], path
+    )
     print(f"Wrote {path} (one row per digit) in {time.time() - begin:.0f} s")
     return results
 
