@@ -23,10 +23,17 @@ import torch
 from torch.utils.checkpoint import _CheckpointFrame  # the record torch keeps per checkpointed region
 
 
+class Alive:
+    """Held by the frame of an eager model call while it runs: a call whose ``Alive`` is gone has ended, even if an
+    interrupt inside its ``finally`` kept it from being taken off the stack."""
+
+    __slots__ = ("__weakref__",)
+
+
 class Call:
     """The routing state of one model call: its task indices and, in eager mode, the masks built from them."""
 
-    __slots__ = ("tasks", "masks", "owner", "captured", "image_tokens", "region")
+    __slots__ = ("tasks", "masks", "owner", "captured", "image_tokens", "region", "outer", "alive")
 
     def __init__(self, tasks: torch.Tensor | None = None, owner: object = None):
         self.tasks = tasks  # (B,), (B, N) or 0-d long task indices; None until the timestep is read
@@ -35,6 +42,11 @@ class Call:
         self.captured = False  # the timestep module has given the tasks
         self.image_tokens: int | None = None  # image tokens of this call, for joined streams (BlockIO.joined)
         self.region: _CheckpointFrame | None = None  # the checkpoint region being recomputed when it was opened
+        self.outer: Call | None = None  # the call current when this one was pushed (set by eager model calls)
+        self.alive: weakref.ref | None = None  # to the Alive its model call's frame holds (eager model calls)
+
+    def ended(self) -> bool:
+        return self.alive is not None and self.alive() is None
 
 
 class CallStack:
@@ -46,7 +58,14 @@ class CallStack:
         self.local = threading.local()
 
     def current(self) -> Call | None:
-        return getattr(self.local, "call", None)
+        """The innermost call in progress; calls that ended without being taken off (an interrupt inside their
+        ``finally``) are taken off here.  Routed modules, inside a call, read ``local.call`` directly."""
+        call = getattr(self.local, "call", None)
+        if call is not None and call.ended():
+            while call is not None and call.ended():
+                call = call.outer
+            self.local.call = call
+        return call
 
     def push(self, tasks: torch.Tensor | None = None, owner: object = None) -> Call:
         call = Call(tasks, owner)
@@ -82,6 +101,27 @@ def checkpoint_region() -> tuple[_CheckpointFrame | None, bool]:
     return (None, False) if hooks is None else _frame_in(hooks[0], depth=3)
 
 
+def enclosing_regions() -> list[tuple[_CheckpointFrame, bool]]:
+    """Every checkpoint region on this thread's saved-tensor hooks stack, innermost first, with whether each is
+    being recomputed.  torch shows only the top of the stack: the hooks above are taken off to read the next and put
+    back, in a ``finally``.  Only asked where no call is in progress and the innermost region records (a region
+    nested in one that is recomputed), so not on any hot path."""
+    found, popped = [], []
+    try:
+        while True:
+            hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+            if hooks is None:
+                return found
+            frame, recomputing = _frame_in(hooks[0], depth=3)
+            if frame is not None:
+                found.append((frame, recomputing))
+            torch._C._autograd._pop_saved_tensors_default_hooks()
+            popped.append(hooks)
+    finally:
+        for hooks in reversed(popped):
+            torch._C._autograd._push_saved_tensors_default_hooks(*hooks)
+
+
 def _frame_in(fn: object, depth: int) -> tuple[_CheckpointFrame | None, bool]:
     """The checkpoint frame a hook function closes over (directly, by weak reference, or through a wrapper)."""
     inner = [getattr(fn, "__wrapped__", None)]
@@ -105,14 +145,30 @@ def _frame_in(fn: object, depth: int) -> tuple[_CheckpointFrame | None, bool]:
 
 
 class Replay:
-    """The tasks (and image token count) of the call each checkpoint region ran in, kept while autograd may
-    recompute the region."""
+    """The state of the call each checkpoint region ran in, kept while autograd may recompute the region."""
 
     def __init__(self) -> None:
         self._saved: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def record(self, region: _CheckpointFrame, call: Call) -> None:
-        self._saved[region] = (call.tasks, call.image_tokens)
+        """The tasks, the image token count and the masks (so that a recomputation builds none the forward did not:
+        selective checkpointing replays the forward's ops one by one)."""
+        self._saved[region] = (call.tasks, call.image_tokens, call.masks)
+
+    def inherited(self, region: _CheckpointFrame) -> tuple | None:
+        """For a region opened while an enclosing region is recomputed (nested checkpoints): the state that region
+        recorded, now recorded for this one too."""
+        for outer, recomputing in enclosing_regions()[1:]:
+            state = self._saved.get(outer)
+            if state is not None:
+                self._saved[region] = state
+                return state
+            if not recomputing:
+                return None
+        return None
+
+    def has(self, region: _CheckpointFrame) -> bool:
+        return region in self._saved
 
     def recorded(self, region: _CheckpointFrame) -> tuple | None:
         return self._saved.get(region)

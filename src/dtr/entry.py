@@ -9,6 +9,7 @@ wrap; every error about it names the argument that was read.
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +18,7 @@ from torch import nn
 
 from . import policy
 from .arguments import Argument, locate, parameters, positional_names
-from .calls import Call, checkpoint_region
+from .calls import Alive, Call, checkpoint_region
 from .mechanism import ATTR, Behaviour, RoutedForward, is_class_forward
 from .runtime import Runtime
 from .spec import TIMESTEP_NAMES, ImageTokens
@@ -118,17 +119,21 @@ class ModelCall(Behaviour):
             raise TypeError("dtr routing cannot be traced by torch.jit.trace: use torch.compile or torch.export")
         if any(isinstance(a, torch.fx.Proxy) for a in (*args, *kwargs.values())):
             raise TypeError("dtr routing cannot be traced symbolically by torch.fx: use torch.compile or torch.export")
-        check_places(module, self.tree, self.runtime, not policy.compiling())
+        eager = not policy.compiling()
+        check_places(module, self.tree, self.runtime, eager, self.routing.adopt)
         tasks = None if self.timestep is None else read_tasks(self.runtime, self.timestep, args, kwargs)
         image_tokens = None if self.image is None else self.image[1].count(self.image[0].read(args, kwargs))
         calls = self.runtime.calls
         outer = calls.current()
+        alive = Alive() if eager else None  # this frame holds it until the call ends, however it ends
         try:
             call = calls.push(tasks, owner=module)
             call.image_tokens = image_tokens
-            if policy.tags_recomputation():
-                region, recomputing = checkpoint_region()
-                call.region = region if recomputing else None
+            if eager:
+                call.outer, call.alive = outer, weakref.ref(alive)
+                if torch.is_grad_enabled():
+                    region, recomputing = checkpoint_region()
+                    call.region = region if recomputing else None
             return forward(*args, **kwargs)
         finally:
             calls.restore(outer)
@@ -154,7 +159,7 @@ class TimestepCapture(Behaviour):
 
     def _capture(self, call: Call, args: tuple, kwargs: dict) -> None:
         if call.captured:
-            if policy.tags_recomputation() and checkpoint_region()[1]:
+            if not policy.compiling() and torch.is_grad_enabled() and checkpoint_region()[1]:
                 return  # a region recomputed inside the model call: the timestep was read already
             raise RuntimeError(
                 f"dtr: timestep_module {self.name!r} was called twice in one call of the model, so dtr cannot tell "
@@ -230,14 +235,17 @@ def plant(tree: dict, name: str, behaviour: Any) -> None:
     tree[""] = behaviour
 
 
-def check_places(module: nn.Module, tree: dict, runtime: Runtime, eager: bool, prefix: str = "") -> None:
+def check_places(
+    module: nn.Module, tree: dict, runtime: Runtime, eager: bool, adopt: Callable, prefix: str = ""
+) -> None:
     """Raise if a routed module is no longer where it was wrapped: a module put in its place would run unrouted.
 
     A few dict lookups per routed module and level.  A wrapper put around a routed module (a checkpoint wrapper,
     FSDP1, torch.compile's OptimizedModule) still runs it routed: the tree then follows the path inside it.  Eagerly,
     a module whose instance ``forward`` was set again over routing's (a hook removed after wrap restores the forward
     it found) is routed again around it, a class patch of ``forward`` is taken up, and modules compiled on their own
-    get their ``CompiledEntry``.
+    get their ``CompiledEntry``.  A routed module that torch.ao's quantization swapped for its quantized version
+    (``quantize_dynamic``, ``convert``: they carry a module's hooks over too) is routed in its place (``adopt``).
     """
     children = module._modules
     for key, node in tree.items():
@@ -248,14 +256,19 @@ def check_places(module: nn.Module, tree: dict, runtime: Runtime, eager: bool, p
         state = None if child is None else child.__dict__
         attached = None if state is None or ATTR not in state else state[ATTR]
         if child is None or (behaviour is not None and (attached is None or attached.behaviour is not behaviour)):
-            inside = None if behaviour is None else _path_inside(child, node)
+            inside = _path_inside(child, node)
+            if inside is None and attached is None and _swapped_by_torch_ao(child) and eager:
+                adopt(prefix + key, child, behaviour)  # quantized in place: routed in its place
+                continue
             if inside is None:
                 _replaced(prefix + key, child)
             tree[key] = node = inside
             behaviour = None
         if eager:
             compiled = child._compiled_call_impl
-            if (compiled is not None and compiled.__class__ is not CompiledEntry) or "_orig_mod" in state:
+            if (compiled is not None and compiled.__class__ is not CompiledEntry) or (
+                child.__class__.__name__ == "OptimizedModule"
+            ):
                 _enter_compiled(child, runtime)
             if behaviour is not None:
                 if attached.func is not child.__class__.forward:  # a class patch since: taken up
@@ -263,7 +276,7 @@ def check_places(module: nn.Module, tree: dict, runtime: Runtime, eager: bool, p
                 if "forward" not in state or state["forward"] is not attached:
                     _keep_routed(child, attached)
         if len(node) > (behaviour is not None):
-            check_places(child, node, runtime, eager, f"{prefix}{key}.")
+            check_places(child, node, runtime, eager, adopt, f"{prefix}{key}.")
 
 
 def _keep_routed(module: nn.Module, attached: RoutedForward) -> None:
@@ -301,6 +314,10 @@ def _leads_to(fn: Any, target: Any, depth: int) -> bool:
     return any(_leads_to(i, target, depth - 1) for i in inner if callable(i))
 
 
+def _swapped_by_torch_ao(module: nn.Module | None) -> bool:
+    return module is not None and type(module).__module__.startswith("torch.ao.")
+
+
 def _filled(cell) -> bool:
     try:
         cell.cell_contents  # noqa: B018
@@ -310,11 +327,10 @@ def _filled(cell) -> bool:
 
 
 def _path_inside(wrapper: nn.Module | None, node: dict) -> dict | None:
-    """A tree leading from ``wrapper`` to the module that holds ``node``'s behaviour (with ``node``'s routed
-    children below it, e.g. a block's ``BlockIO.source``), or None."""
+    """A tree leading from ``wrapper`` to the module that ``node`` stands for (the one whose routed modules are at
+    ``node``'s paths below it: a routed block, or a parent of routed modules put inside a wrapper), or None."""
     for name, module in () if wrapper is None else wrapper.named_modules():
-        attached = module.__dict__.get(ATTR)
-        if name and attached is not None and attached.behaviour is node[""]:
+        if name and _holds(module, node):
             tree: dict = {}
             *parents, last = name.split(".")
             branch = tree
@@ -323,6 +339,20 @@ def _path_inside(wrapper: nn.Module | None, node: dict) -> dict | None:
             branch[last] = node
             return tree
     return None
+
+
+def _holds(module: nn.Module, node: dict) -> bool:
+    """Whether ``module`` has the behaviours of ``node`` at its paths (``node[""]``: its own)."""
+    for key, sub in node.items():
+        if key == "":
+            attached = module.__dict__.get(ATTR)
+            if attached is None or attached.behaviour is not sub:
+                return False
+        else:
+            child = module._modules.get(key)
+            if child is None or not _holds(child, sub):
+                return False
+    return True
 
 
 def _replaced(name: str, child: nn.Module | None) -> None:

@@ -126,12 +126,17 @@ class _Placement(Behaviour):
         self.name = name
         self.index = index  # the block's own draw for method="random"
         self.io = io
+        self.fit(module)
+
+    def fit(self, module: nn.Module) -> None:
+        """What the behaviour reads off its module: where its stream argument is, its width and layout."""
         owner = f"{type(module).__name__}.forward"
+        io = self.io
         self.input = locate(type(module).forward, io.input, owner, "stream")
         self.valid = None if io.valid is None else locate(type(module).forward, io.valid, owner, "valid-token")
         self.width = declared_width(module)
         self.layout = channel_layout(module)  # "first" | "last" | None, read from the module's layers
-        self.batch_axis = 1 if getattr(module, "batch_first", None) is False else 0  # (N, B, C) sequence-first
+        self.batch_axis = 0 if batch_first(module) else 1  # (N, B, C) sequence-first blocks: samples on axis 1
 
     @property
     def live(self) -> bool:
@@ -438,6 +443,15 @@ def _check_axis(axis: int, x: torch.Tensor, name: str) -> int:
 
 _CHANNELS_FIRST = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _CHANNELS_LAST = (nn.Linear, nn.LayerNorm, nn.MultiheadAttention, getattr(nn, "RMSNorm", nn.LayerNorm))
+
+
+def batch_first(module: nn.Module) -> bool:
+    """Whether samples are on axis 0 of the module's stream: False for sequence-first modules, which say so
+    (``batch_first=False`` on the module or its first attention, as ``nn.TransformerEncoderLayer`` has it)."""
+    flag = getattr(module, "batch_first", None)
+    if flag is None:
+        flag = next((m.batch_first for m in module.modules() if isinstance(m, nn.MultiheadAttention)), None)
+    return flag is not False
 
 
 def channel_layout(module: nn.Module) -> str | None:

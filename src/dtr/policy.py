@@ -51,12 +51,6 @@ def compiling() -> bool:
     return is_compiling()
 
 
-def tags_recomputation() -> bool:
-    """Whether a model call notes the checkpoint region it was opened in (eager autograd), so that a region
-    recomputing whole model calls (CFG, self-conditioning) routes each by its own timesteps."""
-    return not is_compiling() and torch.is_grad_enabled()
-
-
 def plain_values(t: torch.Tensor) -> torch.Tensor:
     """The tensor whose values ``t`` stands for: ``t`` itself, or, under torch.func transforms, the tensor they
     wrap (all samples of a vmap), whose values can be read without data-dependent control flow in the transform."""

@@ -71,6 +71,15 @@ class Routing:
             self._modules = []
             raise
 
+    def adopt(self, name: str, module: nn.Module, behaviour) -> None:
+        """Route ``module``, put in the place of the routed module ``name`` by torch.ao's quantization, with that
+        module's behaviour (the model checks each call that its routed modules are in place: ``entry``)."""
+        behaviour.fit(module)
+        attach_all([(module, behaviour)])
+        old = next(r for r in self.routed if r.name == name)
+        self._modules = [module if m is old.module else m for m in self._modules]
+        old.module = module
+
     # -- per call ---------------------------------------------------------------------------
     def current_tasks(self) -> torch.Tensor | None:
         """Task indices of the innermost call in progress in this thread (for hooks and debugging), or None."""

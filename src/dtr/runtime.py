@@ -18,7 +18,7 @@ import torch
 
 from . import policy
 from ._compat import assume_constant_result
-from .calls import Call, CallStack, Replay, checkpoint_region
+from .calls import Call, CallStack, Replay, checkpoint_region, enclosing_regions
 from .masks import active_channels, random_rows, window_rows, window_starts
 from .spec import RoutingConfig
 from .timesteps import timesteps_to_tasks
@@ -35,6 +35,7 @@ class Runtime:
         self.calls = CallStack()
         self.replay = Replay()
         self._starts: dict = {}  # (width, device) -> window starts, int32
+        self._starts_of = _starts_function(config)
 
     def tasks_from(self, t: Any) -> torch.Tensor:
         """The task indices of a call's timestep argument (range and shape checked)."""
@@ -48,14 +49,16 @@ class Runtime:
         if mode in (policy.CHECKPOINT_ALWAYS if current is not None else policy.CHECKPOINT_WITHOUT_CALL):
             region, recomputing = checkpoint_region()
             if region is not None:
-                if not recomputing:
-                    if current is not None and current.tasks is not None:
-                        self.replay.record(region, current)
+                if not recomputing and current is not None:
+                    if current.tasks is not None and not self.replay.has(region):  # its first routed module
+                        for enclosing, recomputed in enclosing_regions():  # nested regions record it too
+                            if not recomputed:
+                                self.replay.record(enclosing, current)
                 elif current is None or current.region is not region:  # else: a call opened inside this recompute
-                    recorded = self.replay.recorded(region)
+                    recorded = self.replay.recorded(region) if recomputing else self.replay.inherited(region)
                     if recorded is not None:
                         call = self.calls.push(recorded[0])
-                        call.image_tokens = recorded[1]
+                        call.image_tokens, call.masks = recorded[1], recorded[2]
                         return call
         if current is None or current.tasks is None:
             if torch.fx._symbolic_trace.is_fx_tracing():
@@ -91,7 +94,10 @@ class Runtime:
         cache = mode in policy.EAGER
         pair = call.masks.get(key) if cache else None
         if pair is None:
-            c_b = active_channels(channels, self.config.sharing_ratio)
+            channels = int(channels)  # compiled with dynamic shapes: the width is a constant of the graph, guarded
+            c_b = int(channels * self.config.sharing_ratio)  # the ratio was checked at wrap; a width may be too small
+            if c_b < 1:
+                active_channels(channels, self.config.sharing_ratio)  # raises, naming sharing_ratio
             flat = tasks.to(like.device).reshape(-1)
             if random:
                 rows = random_rows(flat, channels, c_b, self.config.seed, block)
@@ -112,7 +118,7 @@ class Runtime:
     def _window_starts(self, channels: int, device: torch.device) -> torch.Tensor:
         c = self.config
         if policy.compiling():  # a constant of the graph, computed by numpy at trace time (cache misses only)
-            return torch.tensor(_starts_tuple(c.num_tasks, channels, c.sharing_ratio, c.alpha), device=device)
+            return torch.tensor(self._starts_of(channels), device=device)
         starts = self._starts.get((channels, device))
         if starts is None:
             host = window_starts(c.num_tasks, channels, c.sharing_ratio, c.alpha).astype(np.int32)
@@ -125,17 +131,24 @@ class Runtime:
 
     def __getstate__(self) -> dict:
         """Copies carry the configuration, not the per-device caches nor the mark of an owner."""
-        return {k: v for k, v in self.__dict__.items() if k not in ("_starts", "owned")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_starts", "_starts_of", "owned")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._starts = {}
+        self._starts_of = _starts_function(self.config)
 
 
-@assume_constant_result
-def _starts_tuple(num_tasks: int, channels: int, sharing_ratio: float, alpha: float) -> tuple:
-    """``window_starts`` as a tuple of ints: under torch.compile it runs once at trace time and is a constant."""
-    return tuple(window_starts(num_tasks, channels, sharing_ratio, alpha).tolist())
+def _starts_function(config: RoutingConfig):
+    """What compiled code calls for a width's window starts, a tuple of ints: a constant of the graph, computed by
+    numpy once at trace time.  The routing's numbers are bound in here, so that TorchDynamo, which may trace numbers
+    it reads as symbols (``dynamic=True``), has only the width to pass."""
+    t, ratio, alpha = config.num_tasks, config.sharing_ratio, config.alpha
+
+    def starts_of(channels: int) -> tuple:
+        return tuple(window_starts(t, channels, ratio, alpha).tolist())
+
+    return assume_constant_result(starts_of)
 
 
 def _check_tasks_fit(tasks: torch.Tensor, like: torch.Tensor, axis: int, name: str, batch_axis: int) -> None:

@@ -39,17 +39,25 @@ def _join(prefix: str, name: str) -> str:
 
 
 def unet_gate_modules(model: nn.Module) -> list[str]:
-    """The ADM placement in diffusers' modules: ``ResnetBlock2D.norm2`` (-> dropout -> ``conv2``), the
-    ``group_norm`` of ``Attention`` blocks, and the GroupNorm ``norm`` of ``Transformer2DModel`` blocks."""
+    """The ADM placement in diffusers' modules, found by the role of each module rather than its exact class (a
+    U-Net subclass with ResNet classes of its own, as DreamLite's, routes the same): the ``norm2`` of every ResNet
+    block (``norm1 -> conv1 -> norm2 -> dropout -> conv2``), the ``group_norm`` of attention blocks, and the GroupNorm
+    ``norm`` of spatial transformers (``norm -> proj_in -> blocks -> proj_out``)."""
     names = []
     for name, m in model.named_modules():
-        if _is(m, *RESNETS):
+        if _is(m, *RESNETS) or _is_resnet(m):
             names.append(_join(name, "norm2"))
-        elif _is(m, "Attention") and getattr(m, "group_norm", None) is not None:
+        elif isinstance(getattr(m, "group_norm", None), nn.GroupNorm) and hasattr(m, "to_out"):
             names.append(_join(name, "group_norm"))  # called on (B, C, H*W) inside the processor
-        elif _is(m, "Transformer2DModel") and isinstance(getattr(m, "norm", None), nn.GroupNorm):
-            names.append(_join(name, "norm"))  # spatial transformer: norm -> proj_in -> blocks -> proj_out
+        elif isinstance(getattr(m, "norm", None), nn.GroupNorm) and all(hasattr(m, a) for a in ("proj_in", "proj_out")):
+            names.append(_join(name, "norm"))
     return names
+
+
+def _is_resnet(m: nn.Module) -> bool:
+    """A ResNet block by its parts: two norms and two convolutions, the second norm a module of its own."""
+    parts = [getattr(m, a, None) for a in ("norm1", "conv1", "norm2", "conv2")]
+    return all(isinstance(p, nn.Module) for p in parts) and isinstance(parts[0], nn.GroupNorm)
 
 
 def diffusers_unet_spec(model: nn.Module) -> RoutingSpec | None:

@@ -57,6 +57,18 @@ FAMILIES = {
 }
 
 
+# diffusers transformers dtr does not route by default, and why (dtr.wrap says so by name).
+UNSUPPORTED = {
+    "SanaWMTransformer3DModel": "its pipeline passes one timestep per frame, (batch, 1, frames), and its blocks take the "
+    "stream with a dozen positional arguments for camera control and chunked causal attention: no adapter reads that "
+    "yet. Route it yourself with blocks=r'blocks\\.\\d+', timestep_kind= and, for per-frame timesteps, a "
+    "timestep_module that receives one per token",
+}
+
+
 def diffusers_dit_spec(model: nn.Module) -> RoutingSpec | None:
     """A diffusers transformer with one image token stream (``FAMILIES``), routed on every block."""
+    for cls in type(model).__mro__:
+        if cls.__name__ in UNSUPPORTED and cls.__module__.startswith("diffusers."):
+            raise ValueError(f"dtr does not route a {cls.__name__} by default: {UNSUPPORTED[cls.__name__]}")
     return family_spec(model, FAMILIES)

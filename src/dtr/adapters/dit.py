@@ -18,6 +18,8 @@ def dit_spec(model: nn.Module) -> RoutingSpec | None:
     parts = ("x_embedder", "t_embedder", "blocks", "final_layer")
     if not all(hasattr(model, p) for p in parts) or not isinstance(model.blocks, nn.ModuleList):
         return None
+    if type(model).__module__.startswith("diffusers."):  # diffusers' classes have adapters of their own
+        return None
     return RoutingSpec(
         blocks=tuple(f"blocks.{i}" for i in range(len(model.blocks))),
         placement="residual",
