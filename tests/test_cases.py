@@ -758,6 +758,37 @@ def test_an_interrupt_at_any_bytecode_of_a_routed_call_leaves_no_call_open():
 
 
 #################################################################################
+#                   Found by the composition fuzzer (tests/test_fuzz_...)        #
+#################################################################################
+
+
+class GraphBreak(DiT):
+    """A forward with a graph break between its blocks (FSDP2's hooks make one; so does a print)."""
+
+    def forward(self, x, t, y):
+        h, c = self.embed(x, t, y)
+        h = self.blocks[0](h, c)
+        torch._dynamo.graph_break()
+        for block in self.blocks[1:]:
+            h = block(h, c)
+        return self.unpatchify(self.final_layer(h, c))
+
+
+def test_a_graph_break_inside_a_compiled_routed_models_forward():
+    """Fuzz program (tokens): wrap -> fsdp2 -> torch.compile.  After a graph break TorchDynamo rebuilt the bound
+    forward routing hands the model as ``model.forward``, routing's own: an endless recursion."""
+    torch._dynamo.reset()
+    model = GraphBreak(depth=2)
+    model.load_state_dict(make().state_dict())
+    model.class_dropout_prob = 0.0
+    wrap(model)
+    x, t, y = inputs(batch=4)
+    compiled = torch.compile(model.eval(), backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, t, y), by_hand(make().eval(), x, t, y), **TOL)
+
+
+#################################################################################
 #                Three bugs the 0.3 suite let through (planted)                  #
 #################################################################################
 

@@ -236,7 +236,9 @@ def grads_of(loss, modules):
     for module in modules:
         module.zero_grad()
     loss.backward()
-    return {f"{i}.{n}": p.grad.clone() for i, m in enumerate(modules) for n, p in m.named_parameters() if p.grad is not None}
+    return {
+        f"{i}.{n}": p.grad.clone() for i, m in enumerate(modules) for n, p in m.named_parameters() if p.grad is not None
+    }
 
 
 @pytest.mark.parametrize("how", ["eager", "gradient checkpointing", "torch.compile"])

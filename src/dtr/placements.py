@@ -23,7 +23,7 @@ from torch import nn
 from . import policy
 from .arguments import Argument, locate, replaced
 from .mechanism import Behaviour
-from .runtime import Runtime
+from .runtime import Runtime, starts_for_width
 from .spec import BlockIO
 
 #################################################################################
@@ -137,6 +137,17 @@ class _Placement(Behaviour):
         self.width = declared_width(module)
         self.layout = channel_layout(module)  # "first" | "last" | None, read from the module's layers
         self.batch_axis = 0 if batch_first(module) else 1  # (N, B, C) sequence-first blocks: samples on axis 1
+        self.starts = self._starts()
+
+    def _starts(self):
+        return None if self.width is None else starts_for_width(self.runtime.config, self.width)
+
+    def __getstate__(self) -> dict:  # copies rebuild the compiled code's constant (a closure)
+        return {k: v for k, v in self.__dict__.items() if k != "starts"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.starts = self._starts()
 
     @property
     def live(self) -> bool:
@@ -217,7 +228,7 @@ class Residual(_Placement):
                 f"dtr: per-token timesteps {tuple(call.tasks.shape)} cannot route {self.name!r}, whose stream joins "
                 "text and image tokens: pass one timestep per sample"
             )
-        m, inactive = self.runtime.masks(call, x, axis, self.index, self.name, self.batch_axis, mode)
+        m, inactive = self.runtime.masks(call, x, axis, mode, self)
         if self.io.joined:
             m, inactive = self.image_rows(call, x, m, inactive, args, kwargs)
         ops = policy.RESIDUAL_OPS[mode]
@@ -384,7 +395,7 @@ class Source(Behaviour):
         try:
             call = self.runtime.call_for(self.name, outer, mode)
             axis = self.block.residual_axis(h)
-            m, inactive = self.runtime.masks(call, h, axis, self.block.index, self.name, self.block.batch_axis, mode)
+            m, inactive = self.runtime.masks(call, h, axis, mode, self.block)
         finally:
             if calls.current() is not outer:  # only a replayed recomputation pushes (no write while compiling)
                 calls.restore(outer)
@@ -422,7 +433,7 @@ class Gate(_Placement):
                 f"dtr: gate placement masks axis {axis} of {self.name!r}'s output {tuple(out.shape)}, of size "
                 f"{out.shape[axis]}, but the module's width is {self.width}: {hint}"
             )
-        m, _ = self.runtime.masks(call, out, axis, self.index, self.name, 0, mode)
+        m, _ = self.runtime.masks(call, out, axis, mode, self)
         return self.with_stream(output, out * m)
 
 

@@ -21,7 +21,7 @@ from ._compat import assume_constant_result
 from .calls import Call, CallStack, Replay, checkpoint_region, enclosing_regions
 from .masks import active_channels, random_rows, window_rows, window_starts
 from .spec import RoutingConfig
-from .timesteps import timesteps_to_tasks
+from .timesteps import logsnr_function, timesteps_to_tasks
 
 
 class Runtime:
@@ -36,11 +36,12 @@ class Runtime:
         self.replay = Replay()
         self._starts: dict = {}  # (width, device) -> window starts, int32
         self._starts_of = _starts_function(config)
+        self._boundaries = logsnr_function(config.num_tasks)
 
     def tasks_from(self, t: Any) -> torch.Tensor:
         """The task indices of a call's timestep argument (range and shape checked)."""
         c = self.config
-        return timesteps_to_tasks(t, c.num_tasks, self.timestep_kind, c.task_axis)
+        return timesteps_to_tasks(t, c.num_tasks, self.timestep_kind, c.task_axis, boundaries=self._boundaries)
 
     def call_for(self, name: str, current: Call | None, mode: str) -> Call:
         """The call a routed module runs in: ``current`` (the innermost call of this thread), or, while a
@@ -78,13 +79,15 @@ class Runtime:
         return current
 
     def masks(
-        self, call: Call, like: torch.Tensor, axis: int, block: int, name: str, batch_axis: int, mode: str
+        self, call: Call, like: torch.Tensor, axis: int, mode: str, who: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mask, 1 - mask) of ``call``'s tasks for ``like`` with channels on ``axis`` and samples on ``batch_axis``
-        (1 for sequence-first (N, B, C) blocks), shaped to broadcast over it.
+        """(mask, 1 - mask) of ``call``'s tasks for ``like`` with channels on ``axis``, shaped to broadcast over it, for
+        the routed module ``who`` (its ``name``, R-TR ``index``, ``batch_axis``: 1 for sequence-first (N, B, C)
+        blocks, and its declared ``width`` with ``starts``, the width's window starts as a constant for compiled code).
 
         In ``like``'s dtype and device, built once per call and width in eager modes (``policy.EAGER``).
         """
+        block, name, batch_axis = who.index, who.name, who.batch_axis
         tasks = call.tasks
         channels = like.shape[axis]
         if tasks.ndim == 2 or (tasks.ndim == 1 and tasks.shape[0] != 1 and tasks.shape[0] != like.shape[batch_axis]):
@@ -94,7 +97,6 @@ class Runtime:
         cache = mode in policy.EAGER
         pair = call.masks.get(key) if cache else None
         if pair is None:
-            channels = int(channels)  # compiled with dynamic shapes: the width is a constant of the graph, guarded
             c_b = int(channels * self.config.sharing_ratio)  # the ratio was checked at wrap; a width may be too small
             if c_b < 1:
                 active_channels(channels, self.config.sharing_ratio)  # raises, naming sharing_ratio
@@ -102,7 +104,7 @@ class Runtime:
             if random:
                 rows = random_rows(flat, channels, c_b, self.config.seed, block)
             else:
-                rows = window_rows(self._window_starts(channels, like.device)[flat], channels, c_b)
+                rows = window_rows(self._window_starts(channels, like.device, who)[flat], channels, c_b)
             m = rows.to(like.dtype)
             pair = (m, 1 - m)
             if cache:
@@ -115,9 +117,11 @@ class Runtime:
             shape[batch_axis] = tasks.shape[0]
         return pair[0].view(shape), pair[1].view(shape)
 
-    def _window_starts(self, channels: int, device: torch.device) -> torch.Tensor:
+    def _window_starts(self, channels: int, device: torch.device, who: Any) -> torch.Tensor:
         c = self.config
-        if policy.compiling():  # a constant of the graph, computed by numpy at trace time (cache misses only)
+        if policy.compiling():  # a constant of the graph, computed by numpy at trace time
+            if who.width is not None and channels == who.width:  # with dynamic shapes, the width may be a symbol
+                return torch.tensor(who.starts(), device=device)
             return torch.tensor(self._starts_of(channels), device=device)
         starts = self._starts.get((channels, device))
         if starts is None:
@@ -131,12 +135,13 @@ class Runtime:
 
     def __getstate__(self) -> dict:
         """Copies carry the configuration, not the per-device caches nor the mark of an owner."""
-        return {k: v for k, v in self.__dict__.items() if k not in ("_starts", "_starts_of", "owned")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_starts", "_starts_of", "_boundaries", "owned")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._starts = {}
         self._starts_of = _starts_function(self.config)
+        self._boundaries = logsnr_function(self.config.num_tasks)
 
 
 def _starts_function(config: RoutingConfig):
@@ -149,6 +154,17 @@ def _starts_function(config: RoutingConfig):
         return tuple(window_starts(t, channels, ratio, alpha).tolist())
 
     return assume_constant_result(starts_of)
+
+
+def starts_for_width(config: RoutingConfig, width: int):
+    """A function of no argument giving ``width``'s window starts (for a module that declares its width: nothing
+    symbolic to pass even where TorchDynamo traces the width itself as a symbol)."""
+    starts_of = _starts_function(config)
+
+    def starts() -> tuple:
+        return starts_of(width)
+
+    return assume_constant_result(starts)
 
 
 def _check_tasks_fit(tasks: torch.Tensor, like: torch.Tensor, axis: int, name: str, batch_axis: int) -> None:

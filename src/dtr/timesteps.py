@@ -11,6 +11,7 @@ s = 0.5 (SNR 1) uses the channels a DDPM model uses at SNR 1.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -24,7 +25,9 @@ from ._compat import assume_constant_result
 FLOAT_SLACK = 1e-4
 
 
-def timesteps_to_tasks(t: Any, num_tasks: int, kind: str = "index", task_axis: str = "linear") -> torch.Tensor:
+def timesteps_to_tasks(
+    t: Any, num_tasks: int, kind: str = "index", task_axis: str = "linear", *, boundaries: Callable | None = None
+) -> torch.Tensor:
     """Map the timesteps a model receives to task indices in [0, T), checking the range.
 
     ``"index"``: DDPM timesteps, ints or floats in [0, T] (floats from Euler/Karras schedulers and sigma*1000
@@ -36,7 +39,7 @@ def timesteps_to_tasks(t: Any, num_tasks: int, kind: str = "index", task_axis: s
     returns the task of the DDPM linear schedule (DiT's, over T steps) whose log-SNR is nearest to
     log(((1 - s) / s) ** 2).
     Accepts a scalar, one timestep per sample (B,), or one per token (B, N); returns long task indices of
-    the same shape.
+    the same shape.  ``boundaries``: ``logsnr_function(num_tasks)``, made once by a caller that compiles.
     """
     if isinstance(t, (bool, np.bool_)) or not isinstance(t, (torch.Tensor, int, float, np.integer, np.floating)):
         raise TypeError(f"timestep must be a tensor, an int or a float, got {type(t).__name__}")
@@ -56,7 +59,7 @@ def timesteps_to_tasks(t: Any, num_tasks: int, kind: str = "index", task_axis: s
     if t.dtype.is_floating_point:
         t = t.clamp(0, hi)  # only the slack moves
     if task_axis == "logsnr":
-        return _logsnr_tasks(_noise_level(t, num_tasks, kind), num_tasks)
+        return _logsnr_tasks(_noise_level(t, num_tasks, kind), num_tasks, boundaries)
     if kind == "index":
         if t.dtype.is_floating_point:
             return torch.round(t).long().clamp_(max=num_tasks - 1)  # only t in (T - 0.5, T] moves: it is task T-1
@@ -117,13 +120,14 @@ def _noise_level(t: torch.Tensor, num_tasks: int, kind: str) -> torch.Tensor:
     return 1.0 - u if kind in ("index_reversed", "unit_reversed") else u
 
 
-def _logsnr_tasks(s: torch.Tensor, num_tasks: int) -> torch.Tensor:
+def _logsnr_tasks(s: torch.Tensor, num_tasks: int, boundaries: Callable | None) -> torch.Tensor:
     """The DDPM task whose log-SNR is nearest to that of noise level s: a search among the T - 1 boundaries,
     written in s (so that s = 0 and s = 1, log-SNR +-inf, need no special case)."""
     if policy.compiling():  # a constant of the graph, computed by numpy at trace time
-        bounds = torch.tensor(_bounds_tuple(num_tasks), dtype=s.dtype, device=s.device)
+        bounds_of = boundaries if boundaries is not None else logsnr_function(num_tasks)
+        bounds = torch.tensor(bounds_of(), dtype=s.dtype, device=s.device)
     else:
-        bounds = torch.from_numpy(logsnr_boundaries(num_tasks)).to(s.device, s.dtype)
+        bounds = _bounds_tensor(num_tasks).to(s.device, s.dtype)
     return torch.searchsorted(bounds, s.contiguous(), right=False)
 
 
@@ -144,6 +148,16 @@ def logsnr_boundaries(num_tasks: int) -> np.ndarray:
     return bounds
 
 
-@assume_constant_result
-def _bounds_tuple(num_tasks: int) -> tuple:
-    return tuple(logsnr_boundaries(num_tasks).tolist())
+@functools.lru_cache(maxsize=8)
+def _bounds_tensor(num_tasks: int) -> torch.Tensor:
+    return torch.tensor(logsnr_boundaries(num_tasks))
+
+
+def logsnr_function(num_tasks: int) -> Callable:
+    """A function of no argument that compiled code calls for the boundaries of ``num_tasks`` tasks (a constant of
+    the graph, computed once at trace time; T bound in here, so that TorchDynamo has nothing symbolic to pass)."""
+
+    def boundaries() -> tuple:
+        return tuple(logsnr_boundaries(num_tasks).tolist())
+
+    return assume_constant_result(boundaries)
