@@ -313,7 +313,7 @@ class State:
     def run(self, args: tuple):
         """The output (or the summed outputs of two calls in one checkpoint region) and the gradients of its loss."""
         model = self.call
-        params = {n: p for n, p in self.model.named_parameters()}
+        params = dict(self.model.named_parameters())
         if self.functorch:
             names = [n for n, p in params.items() if p.requires_grad and "lora_" not in n]
             detached = {n: p.detach() for n, p in params.items()}
