@@ -60,8 +60,8 @@ FAMILIES = {
 # diffusers transformers dtr does not route by default, and why (dtr.wrap says so by name).
 UNSUPPORTED = {
     "SanaWMTransformer3DModel": "its pipeline passes one timestep per frame, (batch, 1, frames), and its blocks take "
-    "the stream with a dozen positional arguments for camera control and chunked causal attention: no adapter reads that "
-    "yet. Route it yourself with blocks=r'blocks\\.\\d+', timestep_kind= and, for per-frame timesteps, a "
+    "the stream with a dozen positional arguments for camera control and chunked causal attention: no adapter reads "
+    "that yet. Route it yourself with blocks=r'blocks\\.\\d+', timestep_kind= and, for per-frame timesteps, a "
     "timestep_module that receives one per token",
 }
 
