@@ -19,15 +19,14 @@ leaves a module half routed, and a later attach does not revive an inert one.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import types
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from torch import nn
-from torch.compiler import is_compiling
 
+from . import policy
 from .legacy import unpickle_routed_03
 
 ATTR = "_dtr_behaviour"
@@ -64,14 +63,7 @@ class RoutedForward:
     def __call__(self, *args, **kwargs):
         behaviour = self.behaviour
         if behaviour is not None:
-            forward = self.inner
-            if forward is None:
-                # Eagerly a bound method: CPython >= 3.11 moves its arguments into the forward's frame, so a block that
-                # rebinds its input frees it (Residual.route).  Compiling, a partial: TorchDynamo rebuilds a bound
-                # method after a graph break as ``module.forward``, which is this object (an endless recursion).
-                forward = (
-                    functools.partial(self.func, self.module) if is_compiling() else self.func.__get__(self.module)
-                )
+            forward = self.inner if self.inner is not None else policy.bind(self.func, self.module)
             return behaviour.forward(self.module, forward, args, kwargs)
         if self.inner is not None:  # detached: what the module did before
             return self.inner(*args, **kwargs)

@@ -17,6 +17,8 @@ page says all of it.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.compiler import is_compiling
 
@@ -44,6 +46,14 @@ EAGER = frozenset({GRAD, TRANSFORMS, NO_GRAD})
 # backward pass looks; never while COMPILING (TorchDynamo cannot read the region).
 CHECKPOINT_ALWAYS = frozenset({GRAD, TRANSFORMS})
 CHECKPOINT_WITHOUT_CALL = frozenset({GRAD, TRANSFORMS, NO_GRAD})
+
+
+def bind(func, module):
+    """``func`` (a class's forward) bound to ``module``, as routing hands it to a behaviour.  Eagerly a bound method:
+    CPython >= 3.11 moves its arguments into the forward's frame, so a block that rebinds its input frees it.
+    Compiling, a ``functools.partial``: after a graph break TorchDynamo rebuilds a bound method as
+    ``module.forward``, which is routing's own (an endless recursion)."""
+    return functools.partial(func, module) if is_compiling() else func.__get__(module)
 
 
 def compiling() -> bool:

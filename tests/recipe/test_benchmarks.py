@@ -233,7 +233,8 @@ def test_paper_style_router_computes_what_dtr_wrap_computes_on_cuda(dtype):
 
 def test_call_overhead_counts_the_python_calls_routing_adds_per_block():
     """Exact counts, not times: a budget that a router doing per-call work twice (or a hook per tensor) breaks.
-    0.3 measures 25 Python calls per block under no_grad and 40 with a backward (docs/performance.md)."""
+    No worse than 0.3, which measured 25.1 Python / 23.1 C calls per block under no_grad and 40.1 / 31.1 with a
+    backward (0.4: 17.1 / 19.2 and 29.2 / 27.3; docs/performance.md)."""
     import re
     import subprocess
     import sys
@@ -245,7 +246,10 @@ def test_call_overhead_counts_the_python_calls_routing_adds_per_block():
         timeout=300,
     )
     assert r.returncode == 0, r.stderr[-2000:]
-    found = dict(re.findall(r"(no_grad|backward): \+([\d.]+) Python calls", r.stdout))
-    assert set(found) == {"no_grad", "backward"}
-    assert 5 < float(found["no_grad"]) <= 35
-    assert 5 < float(found["backward"]) <= 55
+    found = {
+        k: (float(p), float(c))
+        for k, p, c in re.findall(r"(no_grad|backward): \+([\d.]+) Python calls, \+([\d.]+) C", r.stdout)
+    }
+    assert set(found) == {"no_grad", "backward"}, r.stdout
+    assert 5 < found["no_grad"][0] <= 25.1 and found["no_grad"][1] <= 23.1, found
+    assert 5 < found["backward"][0] <= 40.1 and found["backward"][1] <= 31.1, found
