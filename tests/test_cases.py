@@ -379,6 +379,26 @@ def test_first_block_cache_at_threshold_zero_equals_the_uncached_routed_model(or
             torch.testing.assert_close(cached, plain(*args, **kwargs)[0], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("cache", ["MagCache (calibrating)", "TaylorSeer (not caching yet)"])
+def test_cache_hooks_keyed_by_block_class_run_on_a_routed_model(cache):
+    from diffusers.hooks import MagCacheConfig, TaylorSeerCacheConfig, apply_mag_cache, apply_taylorseer_cache
+
+    family = flux()
+    model, plain = family.make(), family.make()
+    wrap(model)
+    wrap(plain)
+    if cache.startswith("MagCache"):
+        apply_mag_cache(model, MagCacheConfig(calibrate=True, num_inference_steps=3))
+    else:
+        apply_taylorseer_cache(model, TaylorSeerCacheConfig(disable_cache_before_step=10))
+    with torch.no_grad():
+        for t in ([0.9, 0.8], [0.6, 0.5], [0.3, 0.2]):
+            args, kwargs = family.make_inputs(2, torch.tensor(t))
+            with model.cache_context("cond"):
+                cached = model(*args, **kwargs)[0]
+            torch.testing.assert_close(cached, plain(*args, **kwargs)[0], rtol=0, atol=0)
+
+
 def test_layer_skip_finds_the_routed_blocks_by_their_class():
     from diffusers.hooks import LayerSkipConfig, apply_layer_skip
 
