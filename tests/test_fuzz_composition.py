@@ -457,9 +457,19 @@ def step_parametrize(s: State, data) -> None:
         parametrize.register_parametrization(layer, "weight", Same())
 
 
+def _checkpointed(s: State) -> bool:
+    return (
+        s.model.gradient_checkpointing
+        or s.region is not None
+        or any(hasattr(b, "_dtr_fuzz_composable") or "Checkpoint" in type(b).__name__ for b in s.model.blocks)
+    )
+
+
 def step_checkpoint(s: State, data) -> None:
     form = data.draw(st.sampled_from(["per block", "wrapper", "composable", "two calls", "nested"]), label="form")
     s.log[-1] += f"[{form}]"
+    if s.functorch:
+        return  # torch.func does not run saved-tensor hooks (torch's limit, routed or not)
     if form == "per block":
         s.model.gradient_checkpointing = True
     elif form == "nested":
@@ -473,6 +483,8 @@ def step_checkpoint(s: State, data) -> None:
         block_type = type(s.model.blocks[0])
         apply_activation_checkpointing(s.model, check_fn=lambda m: type(m) is block_type)
     else:
+        if _compiled(s.call) or any(b._compiled_call_impl is not None for b in s.model.blocks):
+            return  # composable checkpoint under torch.compile: torch's limit (see step_compile)
         from torch.distributed._composable import checkpoint as composable
 
         for block in s.model.blocks:
@@ -482,6 +494,8 @@ def step_checkpoint(s: State, data) -> None:
 
 
 def step_compile(s: State, data) -> None:
+    if any(hasattr(b, "_dtr_fuzz_composable") for b in s.model.blocks):
+        return  # composable checkpoint under torch.compile recomputes other values: torch's limit, routed or not
     if data.draw(st.booleans(), label="block by block"):
         i, block = _block(s, data)
         block.compile(backend="aot_eager")
@@ -490,7 +504,7 @@ def step_compile(s: State, data) -> None:
 
 
 def step_torch_func(s: State, data) -> None:
-    s.functorch = True
+    s.functorch = not _checkpointed(s)  # torch.func does not run saved-tensor hooks (torch's limit, routed or not)
 
 
 def step_copy(s: State, data) -> None:

@@ -51,10 +51,7 @@ class Runtime:
             region, recomputing = checkpoint_region()
             if region is not None:
                 if not recomputing and current is not None:
-                    if current.tasks is not None and not self.replay.has(region):  # its first routed module
-                        for enclosing, recomputed in enclosing_regions():  # nested regions record it too
-                            if not recomputed:
-                                self.replay.record(enclosing, current)
+                    self.record(current, region)
                 elif current is None or current.region is not region:  # else: a call opened inside this recompute
                     recorded = self.replay.recorded(region) if recomputing else self.replay.inherited(region)
                     if recorded is not None:
@@ -77,6 +74,19 @@ class Runtime:
                 "enable_gradient_checkpointing or checkpoint_wrapper"
             )
         return current
+
+    def record(self, call: Call, region: Any = None) -> None:
+        """Remember ``call`` for the checkpoint region running now (and the regions around it), at its first routed
+        module: the region's recomputation replays it."""
+        if region is None:
+            region, recomputing = checkpoint_region()
+            if region is None or recomputing:
+                return
+        if call.tasks is None or self.replay.has(region):
+            return
+        for enclosing, recomputed in enclosing_regions():  # nested regions record it too
+            if not recomputed:
+                self.replay.record(enclosing, call)
 
     def masks(
         self, call: Call, like: torch.Tensor, axis: int, mode: str, who: Any
