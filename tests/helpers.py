@@ -207,6 +207,43 @@ def untouched(model: nn.Module) -> bool:
 
 
 #################################################################################
+#                 Blocks that own their weight (parametrize tests)              #
+#################################################################################
+
+
+class Symmetric(nn.Module):
+    """A parametrization: the symmetric part of a square weight."""
+
+    def forward(self, w):
+        return (w + w.T) / 2
+
+
+class OwnWeight(nn.Module):
+    """A residual block owning its weight directly, so parametrize swaps the block's own class."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(16, 16) * 0.3)
+
+    def forward(self, x):
+        return x + torch.tanh(x @ self.weight.T)
+
+
+class Stack(nn.Module):
+    """Two OwnWeight blocks on (B, N, 16) tokens; the timestep is ``t``."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.blocks = nn.ModuleList([OwnWeight(), OwnWeight()])
+
+    def forward(self, x, t):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+#################################################################################
 #                  Hand-built routed references of any model                    #
 #################################################################################
 

@@ -15,7 +15,7 @@ import types
 import pytest
 import torch
 import torch.nn.utils.parametrize as parametrize
-from helpers import DiT, DiTBlock, T, dtr_masks, inputs, reference_forward, tiny_dit
+from helpers import DiT, DiTBlock, OwnWeight, Stack, Symmetric, T, dtr_masks, inputs, reference_forward, tiny_dit
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -287,34 +287,6 @@ def test_a_block_whose_call_calls_forward_is_routed():
 #################################################################################
 #                   7. parametrize removed from a routed module                  #
 #################################################################################
-
-
-class Symmetric(nn.Module):
-    def forward(self, w):
-        return (w + w.T) / 2
-
-
-class OwnWeight(nn.Module):
-    """A residual block owning its weight, so that parametrize swaps the routed block's own class."""
-
-    def __init__(self):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(16, 16) * 0.3)
-
-    def forward(self, x):
-        return x + torch.tanh(x @ self.weight.T)
-
-
-class Stack(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.blocks = nn.ModuleList([OwnWeight(), OwnWeight()])
-
-    def forward(self, x, t):
-        for block in self.blocks:
-            x = block(x)
-        return x
 
 
 @pytest.mark.parametrize("order", ["parametrize first", "wrap first"])

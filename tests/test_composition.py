@@ -22,6 +22,8 @@ from helpers import (
     DiT,
     DiTBlock,
     Residual,
+    Stack,
+    Symmetric,
     T,
     dtr_masks,
     free_port,
@@ -280,34 +282,6 @@ def test_a_block_replaced_after_wrap_is_refused_at_the_next_call():
     wrap(model)
     with torch.no_grad():
         model.eval()(x, t, y)
-
-
-class Symmetric(nn.Module):
-    def forward(self, w):
-        return (w + w.T) / 2
-
-
-class OwnWeight(nn.Module):
-    """A residual block owning its weight directly, so parametrize swaps the block's own class."""
-
-    def __init__(self):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(16, 16) * 0.3)
-
-    def forward(self, x):
-        return x + torch.tanh(x @ self.weight.T)
-
-
-class Stack(nn.Module):
-    def __init__(self, seed=0):
-        super().__init__()
-        torch.manual_seed(seed)
-        self.blocks = nn.ModuleList([OwnWeight(), OwnWeight()])
-
-    def forward(self, x, t):
-        for block in self.blocks:
-            x = block(x)
-        return x
 
 
 def stack_reference(model, x, t):
