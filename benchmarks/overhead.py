@@ -341,7 +341,7 @@ def memory_table(names, with_file):
         routed, naive = copy.deepcopy(base), naive_route(copy.deepcopy(base))
         routing = dtr.wrap(routed)
         # The router's only state: window starts per width, made on first use (int32, T entries).
-        routing.runtime._window_starts(base.pos_embed.shape[-1], torch.device("cpu"))
+        routing.runtime._window_starts(base.pos_embed.shape[-1], torch.device("cpu"), None)
         b, r, n = state_bytes(base), state_bytes(routed), state_bytes(naive)
         row = dict(
             model=name,

@@ -20,6 +20,17 @@ import dtr
 T = 1000
 INDEX_T = torch.tensor([0, 999, 500, 37])
 
+
+def diffusers_0_42():
+    """A pytest mark for tests of diffusers features and layouts declared against diffusers 0.42 (hook registries,
+    modular pipelines, Flux's two-stream single blocks): the lowest CI, on diffusers 0.33, skips them."""
+    import diffusers
+    import pytest
+
+    version = tuple(int(v) for v in diffusers.__version__.split(".")[:2])
+    return pytest.mark.skipif(version < (0, 42), reason=f"declared against diffusers 0.42 ({diffusers.__version__})")
+
+
 #################################################################################
 #                         A small DiT (facebookresearch/DiT's layout)           #
 #################################################################################

@@ -15,7 +15,19 @@ import types
 import pytest
 import torch
 import torch.nn.utils.parametrize as parametrize
-from helpers import DiT, DiTBlock, OwnWeight, Stack, Symmetric, T, dtr_masks, inputs, reference_forward, tiny_dit
+from helpers import (
+    DiT,
+    DiTBlock,
+    OwnWeight,
+    Stack,
+    Symmetric,
+    T,
+    diffusers_0_42,
+    dtr_masks,
+    inputs,
+    reference_forward,
+    tiny_dit,
+)
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -64,6 +76,7 @@ def test_the_signatures_of_a_routed_models_and_blocks_forwards_are_their_own():
     assert (inspect.signature(model.forward), inspect.signature(model.blocks[0].forward)) == before
 
 
+@diffusers_0_42()
 def test_wan22_modular_denoise_step_passes_what_the_routed_transformer_takes():
     """diffusers' Wan 2.2 denoise step passes the fields the transformer's forward signature names: a routed model
     must show its own (0.3 showed (*args, **kwargs) and lost encoder_hidden_states_image: 0.945 off)."""
@@ -187,6 +200,7 @@ def test_a_model_that_calls_itself_checkpointed_whole_has_exact_gradients():
 #################################################################################
 
 
+@diffusers_0_42()
 def test_unet1d_res_conv_blocks_route_their_channels():
     """diffusers' UNet1DModel ResConvBlock on (B, C, L): masked along C (0.3 masked along L: 3.49 off)."""
     from diffusers import UNet1DModel
@@ -325,6 +339,7 @@ def flux():
     return FLUX
 
 
+@diffusers_0_42()
 @pytest.mark.parametrize("order", ["cache first", "wrap first"])
 def test_first_block_cache_at_threshold_zero_equals_the_uncached_routed_model(order):
     """diffusers' cache hooks look block classes up in a registry keyed by class (0.3: 'not registered')."""
@@ -351,6 +366,7 @@ def test_first_block_cache_at_threshold_zero_equals_the_uncached_routed_model(or
             torch.testing.assert_close(cached, plain(*args, **kwargs)[0], rtol=0, atol=0)
 
 
+@diffusers_0_42()
 @pytest.mark.parametrize("cache", ["MagCache (calibrating)", "TaylorSeer (not caching yet)"])
 def test_cache_hooks_keyed_by_block_class_run_on_a_routed_model(cache):
     from diffusers.hooks import MagCacheConfig, TaylorSeerCacheConfig, apply_mag_cache, apply_taylorseer_cache
@@ -371,6 +387,7 @@ def test_cache_hooks_keyed_by_block_class_run_on_a_routed_model(cache):
             torch.testing.assert_close(cached, plain(*args, **kwargs)[0], rtol=0, atol=0)
 
 
+@diffusers_0_42()
 def test_layer_skip_finds_the_routed_blocks_by_their_class():
     from diffusers.hooks import LayerSkipConfig, apply_layer_skip
 
@@ -636,6 +653,7 @@ def test_a_deepcopy_of_a_parent_that_holds_a_block_before_the_model_is_routed():
 #################################################################################
 
 
+@diffusers_0_42()
 def test_a_unet_subclass_with_resnet_classes_of_its_own_routes_them_by_role():
     """DreamLite's UNet2DConditionModel subclass: 0.3 found 0 modules (and saved blocks: [])."""
     pytest.importorskip("diffusers.models.unets.unet_dreamlite")
@@ -682,6 +700,7 @@ def test_wrap_never_routes_nothing():
         dtr.adapters._adapters.remove(finds_nothing)
 
 
+@diffusers_0_42()
 def test_sana_wm_is_refused_by_name():
     from diffusers.models.transformers.transformer_sana_wm import SanaWMTransformer3DModel
 

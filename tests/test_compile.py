@@ -13,6 +13,8 @@ from torch._dynamo.utils import counters
 
 import dtr
 
+TORCH = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+
 pytestmark = pytest.mark.slow
 
 # Which graph runs is TorchDynamo's decision (guards), and what is traced AOTAutograd's, the same for every backend:
@@ -140,7 +142,8 @@ def test_each_block_compiled_once_for_all_blocks_after_unrouted_blocks_were_comp
     torch.testing.assert_close(out(base, x, t, y), want_base, **OUT_TOL)
     before = graphs()
     torch.testing.assert_close(out(routed, x, t, y), want, **OUT_TOL)
-    assert graphs() - before == 1
+    # torch 2.14 guards each block's instance forward by its type: one graph for all; torch 2.8 by identity: one each
+    assert graphs() - before == (1 if TORCH >= (2, 14) else len(routed.blocks))
     t2 = torch.tensor([999, 998, 0, 1])
     torch.testing.assert_close(out(routed, x, t2, y), _eager(routed, x, t2, y), **OUT_TOL)
     routed.train()

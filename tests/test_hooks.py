@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers_families import FLUX
-from helpers import DiT, DiTBlock, T, perturbed, tiny_dit, unet2d
+from helpers import DiT, DiTBlock, T, diffusers_0_42, perturbed, tiny_dit, unet2d
 from torch import nn
 from torch.nn.modules.module import register_module_forward_hook
 
@@ -169,6 +169,7 @@ def _flux_call(model, t):
         return model(*args, **kwargs)
 
 
+@diffusers_0_42()
 @pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("block", ["transformer_blocks.0", "single_transformer_blocks.1"])
 def test_hooks_on_flux_blocks_see_the_routed_image_stream_and_the_text_stream_as_computed(order, block):

@@ -310,7 +310,9 @@ def _leads_to(fn: Any, target: Any, depth: int) -> bool:
     for values in (getattr(fn, "args", None), getattr(fn, "__defaults__", None)):
         inner += list(values) if isinstance(values, tuple) else []
     inner += list((getattr(fn, "__kwdefaults__", None) or {}).values())
-    inner += [c.cell_contents for c in getattr(fn, "__closure__", None) or () if _filled(c)]
+    cells = [c.cell_contents for c in getattr(fn, "__closure__", None) or () if _filled(c)]
+    for cell in cells:  # an object a closure holds may keep the forward as an attribute (diffusers' hook reference)
+        inner += [cell] if callable(cell) else [v for v in getattr(cell, "__dict__", {}).values() if callable(v)]
     return any(_leads_to(i, target, depth - 1) for i in inner if callable(i))
 
 

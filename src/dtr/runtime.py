@@ -119,12 +119,11 @@ class Runtime:
             pair = (m, 1 - m)
             if cache:
                 call.masks[key] = pair
-        shape = [1] * like.ndim
-        shape[axis] = channels
-        if tasks.ndim == 2:
-            shape[0], shape[1] = tasks.shape
-        elif tasks.ndim == 1:
-            shape[batch_axis] = tasks.shape[0]
+        if tasks.ndim == 2:  # one task per token: rows on the batch and token axes (checked above: axis 2)
+            shape = (tasks.shape[0], tasks.shape[1], channels)
+        else:  # written without list item assignment, which TorchDynamo (torch 2.8) cannot trace with symbols
+            rows = tasks.shape[0] if tasks.ndim == 1 else 1
+            shape = tuple(channels if i == axis else rows if i == batch_axis else 1 for i in range(like.ndim))
         return pair[0].view(shape), pair[1].view(shape)
 
     def _window_starts(self, channels: int, device: torch.device, who: Any) -> torch.Tensor:
