@@ -799,6 +799,23 @@ def test_a_graph_break_inside_a_compiled_routed_models_forward():
         torch.testing.assert_close(compiled(x, t, y), by_hand(make().eval(), x, t, y), **TOL)
 
 
+def test_accelerate_hooks_appended_after_wrap_keep_the_block_routed():
+    """Fuzz program (tokens): accelerate hook -> wrap -> accelerate hook.  add_hook_to_module(append=True) removes
+    the hook it finds (putting back the forward it found, from under routing's) and wraps both around the module's
+    own forward: the block is routed again around them (0.4 first refused it as a forward replaced after wrap)."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    model = make().eval()
+    for block in model.blocks:
+        add_hook_to_module(block, ModelHook())
+    wrap(model)
+    for block in model.blocks:
+        add_hook_to_module(block, ModelHook(), append=True)
+    x, t, y = inputs(batch=4)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, y), by_hand(make().eval(), x, t, y), **TOL)
+
+
 #################################################################################
 #                Three bugs the 0.3 suite let through (planted)                  #
 #################################################################################

@@ -510,8 +510,8 @@ def step_torch_func(s: State, data) -> None:
 def step_copy(s: State, data) -> None:
     how = data.draw(st.sampled_from(["deepcopy", "pickle", "copy.copy"]), label="copy")
     s.log[-1] += f"[{how}]"
-    if s.distributed or s.patched and how == "pickle":
-        return  # process-group state does not copy; a patched class's forward is a local function
+    if s.distributed or (how == "pickle" and _unpicklable(s)):
+        return  # torch's and accelerate's limits, routed or not: process groups, parametrized modules, local functions
     if how == "copy.copy":
         shallow = copy.copy(s.model)
         if s.routed:
@@ -523,6 +523,15 @@ def step_copy(s: State, data) -> None:
     model = copy.deepcopy(s.model) if how == "deepcopy" else pickle.loads(pickle.dumps(s.model))
     s.hooked = []  # hooks were copied with their closures: the copies record elsewhere
     s.model = s.call = model  # wrappers (compile, DDP, PEFT) are made again by later steps
+
+
+def _unpicklable(s: State) -> bool:
+    """Systems whose modules do not pickle, routed or not: parametrize (state_dict only), accelerate's and module
+    hooks made of local functions, a patched class's local forward."""
+    return bool(s.patched) or any(
+        parametrize.is_parametrized(m) or hasattr(m, "_hf_hook") or m._forward_hooks or m._forward_pre_hooks
+        for m in s.model.modules()
+    )
 
 
 def step_lora(s: State, data) -> None:

@@ -280,14 +280,18 @@ def check_places(
 
 
 def _keep_routed(module: nn.Module, attached: RoutedForward) -> None:
-    """Check that ``module``'s instance ``forward`` still leads to routing's.  One that was put back from under it
-    (a hook added before wrap and removed after restores the forward it found: the class's, or part of what routing
-    wrapped) is routed again; any other is refused, since it would run unrouted or routed twice."""
+    """Check that ``module``'s instance ``forward`` still leads to routing's.  One set from under it is routed
+    again: a forward put back (a hook added before wrap and removed after restores the forward it found: the class's,
+    or part of what routing wrapped), or a wrapper made since around the module's own forward (accelerate re-adding
+    its hooks in one).  Any other is refused, since it would run unrouted or routed twice."""
     state = module.__dict__
     forward = state.get("forward")
-    if _leads_to(forward, attached, depth=6):
+    if _leads_to(forward, lambda f: f is attached, depth=6):
         return
-    if forward is None or is_class_forward(forward, module) or _leads_to(attached.inner, forward, depth=6):
+    def own(f: Any) -> bool:  # the module's own forward, or the one routing found at wrap
+        return is_class_forward(f, module) or (attached.inner is not None and f is attached.inner)
+
+    if forward is None or _leads_to(forward, own, depth=6) or _leads_to(attached.inner, lambda f: f is forward, 6):
         attached.inner = None if forward is None or is_class_forward(forward, module) else forward
         state["forward"] = attached
         return
@@ -298,12 +302,15 @@ def _keep_routed(module: nn.Module, attached: RoutedForward) -> None:
     )
 
 
-def _leads_to(fn: Any, target: Any, depth: int) -> bool:
-    """Whether a forward wrapper reaches routing's forward: through ``__wrapped__`` (functools.wraps, accelerate,
-    diffusers), a ``functools.partial``'s function and arguments, a closure or a default argument."""
-    if fn is target:
+def _leads_to(fn: Any, found: Callable[[Any], bool], depth: int) -> bool:
+    """Whether a forward wrapper reaches a forward ``found`` recognises: itself, or through ``__wrapped__``
+    (functools.wraps, accelerate, diffusers), a ``functools.partial``'s function and arguments, a closure or a
+    default argument."""
+    if fn is None:
+        return False
+    if found(fn):
         return True
-    if fn is None or depth == 0:
+    if depth == 0:
         return False
     fn = getattr(fn, "__func__", fn)  # a bound method: its function
     inner = [getattr(fn, "__wrapped__", None), getattr(fn, "func", None), getattr(fn, "inner", None)]
@@ -313,7 +320,7 @@ def _leads_to(fn: Any, target: Any, depth: int) -> bool:
     cells = [c.cell_contents for c in getattr(fn, "__closure__", None) or () if _filled(c)]
     for cell in cells:  # an object a closure holds may keep the forward as an attribute (diffusers' hook reference)
         inner += [cell] if callable(cell) else [v for v in getattr(cell, "__dict__", {}).values() if callable(v)]
-    return any(_leads_to(i, target, depth - 1) for i in inner if callable(i))
+    return any(_leads_to(i, found, depth - 1) for i in inner if callable(i))
 
 
 def _swapped_by_torch_ao(module: nn.Module | None) -> bool:
