@@ -14,6 +14,7 @@ import types
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torch.nn.utils.parametrize as parametrize
 from helpers import (
     DiT,
@@ -55,7 +56,11 @@ def by_hand(model, x, t, y):
 def grads(model, loss):
     model.zero_grad()
     loss.backward()
-    return {n.replace("._orig_mod", ""): p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return {
+        n.replace("._orig_mod", "").replace("._checkpoint_wrapped_module", ""): p.grad.clone()
+        for n, p in model.named_parameters()
+        if p.grad is not None
+    }
 
 
 def assert_grads(a, b, **tol):
@@ -814,6 +819,47 @@ def test_accelerate_hooks_appended_after_wrap_keep_the_block_routed():
     x, t, y = inputs(batch=4)
     with torch.no_grad():
         torch.testing.assert_close(model(x, t, y), by_hand(make().eval(), x, t, y), **TOL)
+
+
+class NormConv(nn.Module):
+    """x + conv(silu(norm(x))): the ADM placement routes its norm (a child)."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.GroupNorm(4, 16)
+        self.conv = nn.Conv2d(16, 16, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv(F.silu(self.norm(x)))
+
+
+class NormConvStack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList([NormConv(), NormConv()])
+
+    def forward(self, x, t):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_a_checkpoint_wrapper_put_around_the_parent_of_a_routed_gate_after_wrap():
+    """Fuzz program (conv): wrap -> checkpointing[wrapper].  The routed norm moved one level down, inside the
+    wrapper around its block: 0.4 first refused it as removed."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    model, reference = NormConvStack().double(), NormConvStack().double()
+    dtr.wrap(model, sharing_ratio=RATIO, alpha=ALPHA, blocks=r"blocks\.\d\.norm", placement="gate")
+    apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, NormConv))
+    x, t = torch.randn(2, 16, 5, 5, dtype=torch.float64), torch.tensor([0, 999])
+    got = grads(model, model(x, t).square().mean())
+    m = dtr.task_masks(T, 16, RATIO, ALPHA)[t].double()[:, :, None, None]
+    h = x
+    for block in reference.blocks:
+        h = h + block.conv(F.silu(m * block.norm(h)))
+    assert_grads(got, grads(reference, h.square().mean()), rtol=1e-9, atol=1e-12)
 
 
 #################################################################################

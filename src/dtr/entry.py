@@ -248,7 +248,7 @@ def check_places(
     (``quantize_dynamic``, ``convert``: they carry a module's hooks over too) is routed in its place (``adopt``).
     """
     children = module._modules
-    for key, node in tree.items():
+    for key, node in list(tree.items()):
         if key == "":
             continue
         child = children.get(key)
@@ -260,6 +260,12 @@ def check_places(
             if inside is None and attached is None and _swapped_by_torch_ao(child) and eager:
                 adopt(prefix + key, child, behaviour)  # quantized in place: routed in its place
                 continue
+            if inside is None and child is None:  # moved one level down (a wrapper put around this module's child)
+                moved = _path_inside(module, node)
+                if moved is not None:
+                    del tree[key]
+                    _merge(tree, moved)
+                    return check_places(module, tree, runtime, eager, adopt, prefix)
             if inside is None:
                 _replaced(prefix + key, child)
             tree[key] = node = inside
@@ -288,6 +294,7 @@ def _keep_routed(module: nn.Module, attached: RoutedForward) -> None:
     forward = state.get("forward")
     if _leads_to(forward, lambda f: f is attached, depth=6):
         return
+
     def own(f: Any) -> bool:  # the module's own forward, or the one routing found at wrap
         return is_class_forward(f, module) or (attached.inner is not None and f is attached.inner)
 
@@ -348,6 +355,15 @@ def _path_inside(wrapper: nn.Module | None, node: dict) -> dict | None:
             branch[last] = node
             return tree
     return None
+
+
+def _merge(tree: dict, branch: dict) -> None:
+    """Put ``branch`` (a tree of child names) into ``tree``, merging where both have the same child."""
+    for key, sub in branch.items():
+        if key in tree and isinstance(tree[key], dict) and isinstance(sub, dict):
+            _merge(tree[key], sub)
+        else:
+            tree[key] = sub
 
 
 def _holds(module: nn.Module, node: dict) -> bool:
