@@ -509,7 +509,8 @@ def step_compile(s: State, data) -> None:
 
 
 def step_torch_func(s: State, data) -> None:
-    s.functorch = not _checkpointed(s)  # torch.func does not run saved-tensor hooks (torch's limit, routed or not)
+    # torch.func runs no saved-tensor hooks (checkpointing) and no FSDP2 DTensors: torch's limits, routed or not
+    s.functorch = not _checkpointed(s) and not s.distributed
 
 
 def step_copy(s: State, data) -> None:
