@@ -177,8 +177,8 @@ def build(kind: str) -> nn.Module:
 
 def wrap_kwargs(kind: str) -> dict:
     common = dict(sharing_ratio=RATIO, alpha=ALPHA, blocks=r"blocks\.\d")
-    if kind == "conv":
-        return dict(common, blocks=r"blocks\.\d\.norm", placement="gate")
+    if kind == "conv":  # the norms, wherever a wrapper has put them
+        return dict(common, blocks=lambda name, module: isinstance(module, nn.GroupNorm), placement="gate")
     if kind == "joint":
         return dict(common, block_io=dtr.BlockIO("hidden_states", output=1), timestep_arg="timestep")
     return common
