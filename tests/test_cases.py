@@ -862,6 +862,28 @@ def test_a_checkpoint_wrapper_put_around_the_parent_of_a_routed_gate_after_wrap(
     assert_grads(got, grads(reference, h.square().mean()), rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("compiled_block", [False, True])
+def test_three_nested_checkpoint_regions(compiled_block):
+    """Fuzz programs (tokens): wrap -> checkpointing[wrapper] -> checkpointing[nested] (and with a block compiled
+    on its own).  A region opened in the recomputation of one opened in the recomputation of a third inherits the
+    outermost's call: 0.4 first looked one level up only ('ran without a timestep')."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+
+    model = NestedRegions(depth=2)
+    model.load_state_dict(make().state_dict())
+    model.class_dropout_prob = 0.0
+    wrap(model)
+    if compiled_block:
+        model.blocks[0].compile(backend="aot_eager")
+    apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, DiTBlock))
+    model.train()
+    x, t, y = inputs(batch=4)
+    reference = make().train()
+    assert_grads(
+        grads(model, model(x, t, y).square().mean()), grads(reference, by_hand(reference, x, t, y).square().mean())
+    )
+
+
 #################################################################################
 #                Three bugs the 0.3 suite let through (planted)                  #
 #################################################################################

@@ -155,23 +155,26 @@ class Replay:
         selective checkpointing replays the forward's ops one by one)."""
         self._saved[region] = (call.tasks, call.image_tokens, call.masks)
 
-    def inherited(self, region: _CheckpointFrame) -> tuple | None:
-        """For a region opened while an enclosing region is recomputed (nested checkpoints): the state that region
-        recorded, now recorded for this one too."""
-        for outer, recomputing in enclosing_regions()[1:]:
-            state = self._saved.get(outer)
-            if state is not None:
-                self._saved[region] = state
-                return state
-            if not recomputing:
-                return None
-        return None
-
     def has(self, region: _CheckpointFrame) -> bool:
         return region in self._saved
 
     def recorded(self, region: _CheckpointFrame) -> tuple | None:
         return self._saved.get(region)
+
+    def inherited(self, region: _CheckpointFrame) -> tuple | None:
+        """For a region opened while an enclosing region is recomputed (nested checkpoints, at any depth): the state
+        the nearest enclosing region with one recorded, now recorded for this region and those between too."""
+        between = [region]
+        for outer, recomputing in enclosing_regions()[1:]:
+            state = self._saved.get(outer)
+            if state is not None:
+                for opened in between:
+                    self._saved[opened] = state
+                return state
+            if recomputing:  # recomputed, and it recorded nothing: no call to inherit
+                return None
+            between.append(outer)
+        return None
 
     def __getstate__(self) -> dict:
         return {}
