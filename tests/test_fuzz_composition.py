@@ -432,6 +432,10 @@ def step_accelerate(s: State, data) -> None:
             return tuple(o * 1.0 for o in output) if isinstance(output, tuple) else output * 1.0
 
     _, block = _block(s, data)
+    if hasattr(block, "_hf_hook") and "_hf_hook" not in vars(block):
+        # accelerate's limit, not ours: a CheckpointWrapper forwards `_hf_hook` from the hooked block inside it,
+        # so add_hook_to_module(wrapper) tries to delete a hook the wrapper does not hold (fails without dtr).
+        return
     add_hook_to_module(block, Identity(), append=True)
 
 
