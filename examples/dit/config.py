@@ -59,13 +59,17 @@ Schedule = choices("Schedule", ["linear", "cosine"])
 Device = choices("Device", ["auto", "cuda", "cpu"])
 ModelName = choices("ModelName", DiT_models)
 InitMethod = choices("InitMethod", ["DTR", "dtr", "random"])
-Sampler = choices("Sampler", ["ddpm", "ddim"])
+Path = choices("Path", ["ddpm", "flow"])
+# Each path's samplers; "auto" is the path's first: DDPM's ancestral sampler, SiT's default ODE solver.
+SAMPLERS = {"ddpm": ("ddpm", "ddim"), "flow": ("dopri5", "euler", "heun2")}
+Sampler = choices("Sampler", ["auto", *SAMPLERS["ddpm"], *SAMPLERS["flow"]])
 
 
 @dataclass
 class General:
     data_path: str | None = MISSING
     latents_dir: str | None = MISSING
+    path: Path = MISSING
     iterations: int = MISSING
     num_workers: int = MISSING
     global_batch_size: int = MISSING
@@ -144,6 +148,8 @@ class Eval:
     ckpt: str | None = MISSING
     use_ema: bool = MISSING
     sampler: Sampler = MISSING
+    atol: float = MISSING
+    rtol: float = MISSING
     guide_channels: int | None = MISSING
     save_png: bool = MISSING
     class_labels: list[int] = MISSING
@@ -198,6 +204,8 @@ FLOAT_RANGES = {  # finite, always
     "models.routing.sharing_ratio": dict(low=0.0, high=1.0, low_open=True, hint=" (1.0 = no routing, the baseline)"),
     "models.routing.alpha": dict(low=0.0, low_open=True),
     "eval.cfg_scale": dict(low=1.0, hint=" (1.0 = no guidance)"),
+    "eval.atol": dict(low=0.0, low_open=True),
+    "eval.rtol": dict(low=0.0, low_open=True),
 }
 
 
@@ -242,6 +250,8 @@ def load(argv=(), validate_values=True):
         raise ConfigError(_describe(e)) from None
     if missing:
         raise ConfigError(f"{missing[0]} has no value: set it on the command line ({missing[0]}=...)")
+    if cfg.eval.sampler == "auto":
+        cfg.eval.sampler = Sampler(SAMPLERS[cfg.general.path][0])
     if validate_values:
         validate(cfg)
     return cfg
@@ -291,7 +301,23 @@ def validate(cfg):
     except ValueError as err:
         raise ConfigError(f"general.loss_weight_type: {err}") from None
 
-    g, m = cfg.general, cfg.models
+    g, m, e = cfg.general, cfg.models, cfg.eval
+    if e.sampler not in SAMPLERS[g.path]:
+        other = "flow" if g.path == "ddpm" else "ddpm"
+        raise ConfigError(
+            f"eval.sampler={e.sampler} samples general.path={other}; with general.path={g.path} choose one of: "
+            f"{', '.join(SAMPLERS[g.path])} (or auto)"
+        )
+    if g.path == "flow" and e.sampler in ("euler", "heun2") and e.num_sampling_steps < 2:
+        raise ConfigError(
+            f"eval.num_sampling_steps={e.num_sampling_steps}: {e.sampler} needs >= 2 (the points of SiT's time grid, "
+            "both ends included)"
+        )
+    if g.path == "flow" and g.schedule_name != "linear":
+        raise ConfigError(
+            f"general.schedule_name={g.schedule_name} is a DDPM noise schedule: general.path=flow has none "
+            "(SiT's linear interpolant); leave it at linear"
+        )
     depth, hidden, heads, patch = architecture(cfg)
     if hidden % heads or hidden % 2:
         raise ConfigError(f"models.hidden_size={hidden} must be even and divisible by models.num_heads={heads}")
@@ -371,6 +397,11 @@ def model_string(cfg):
 def routing_method(cfg):
     """dtr.wrap's method for models.routing.init_method ("DTR" -> "dtr")."""
     return "random" if cfg.models.routing.init_method == "random" else "dtr"
+
+
+def is_flow(cfg):
+    """general.path=flow: SiT's linear interpolant with velocity prediction (diffusion/flow.py)."""
+    return cfg.general.path == "flow"
 
 
 def is_routed(cfg):

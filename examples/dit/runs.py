@@ -23,6 +23,7 @@ import config
 
 # Keys a checkpoint's weights depend on: sampling or resuming with other values cannot use them.
 MODEL_KEYS = (
+    "general.path",
     "data.name",
     "data.num_classes",
     "general.image_size",
@@ -51,6 +52,8 @@ RUN_KEYS = (
 )
 # Keys that take effect from the resumed step on (set on the optimizer, read by the EMA each step), and are logged.
 APPLIED_KEYS = ("optim.lr", "optim.weight_decay", "optim.uw_lr", "optim.ema_decay")
+# The value a key had before the recipe had it: what a checkpoint written then, without the key, was made with.
+LEGACY_VALUES = {"general.path": "ddpm"}
 # What a train.py checkpoint holds, besides its digest (older checkpoints have none).
 CONTENTS = ("model", "ema", "opt", "uw", "config", "step", "rng")
 
@@ -65,11 +68,13 @@ def changed_keys(saved, cfg, keys):
     saved = OmegaConf.create(saved)
     out = []
     for key in keys:
-        theirs, ours = OmegaConf.select(saved, key, default=None), OmegaConf.select(cfg, key)
+        theirs, ours = OmegaConf.select(saved, key, default=LEGACY_VALUES.get(key)), OmegaConf.select(cfg, key)
         if key == "models.routing.init_method" and theirs is not None:  # DTR and dtr are the same method
-            theirs, ours = theirs.lower(), ours.lower()
-        if theirs != ours:
-            out.append((key, OmegaConf.select(saved, key, default=None), OmegaConf.select(cfg, key)))
+            same = theirs.lower() == ours.lower()
+        else:
+            same = theirs == ours
+        if not same:
+            out.append((key, theirs, ours))
     return out
 
 

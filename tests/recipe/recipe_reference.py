@@ -7,6 +7,9 @@
   (constant or Min-SNR), or ANT-UW's stratified timesteps and uncertainty weighting with its own learning rate,
   AdamW, and the EMA `ema = decay * ema + (1 - decay) * model`; over any number of simulated DDP ranks.
 - `ddim_sample`: deterministic DDIM (eta = 0) with classifier-free guidance on all channels.
+- `sit_*`: SiT's flow matching (willisma/SiT, transport/ and models.py), the lines the flow path must equal,
+  written out: the Linear path's loss with velocity prediction, its ODE sampler over torchdiffeq, SiT's forward
+  (the learned-sigma half dropped) and forward_with_cfg.
 
 Only the DiT modules themselves (models.py, tested on their own in test_models.py) and torch's AdamW are shared
 with the recipe. Random numbers are drawn in the order the recipe draws them (data order, then per step: timesteps,
@@ -43,11 +46,12 @@ def dtr_masks(num_tasks, channels, sharing_ratio, alpha):
     return torch.from_numpy((c >= start[:, None]) & (c < start[:, None] + active)).float()
 
 
-def routed_forward(model, x, t, y, masks):
-    """DiT's forward (x_embedder + pos_embed, c = t_emb + y_emb, blocks, final layer), each block routed by masks[t]."""
+def routed_forward(model, x, t, y, masks, tasks=None):
+    """DiT's forward (x_embedder + pos_embed, c = t_emb + y_emb, blocks, final layer), each block routed by
+    masks[tasks] (tasks = t, the DDPM timesteps, unless given)."""
     h = model.x_embedder(x) + model.pos_embed
     c = model.t_embedder(t) + model.y_embedder(y, model.training)
-    m = None if masks is None else masks[t].to(h.dtype)[:, None, :]
+    m = None if masks is None else masks[t if tasks is None else tasks].to(h.dtype)[:, None, :]
     for block in model.blocks:
         h = block(h, c) if m is None else block(m * h, c) + (1 - m) * h
     return model.unpatchify(model.final_layer(h, c))
@@ -436,3 +440,65 @@ def sample_ddp(model, shape, n, world_size, batch, seed, **kwargs):
             for i, k in enumerate(index):
                 xs[k], labels[k] = out[i], int(y[i])
     return torch.stack(xs), np.array(labels)
+
+
+#################################################################################
+#            SiT's flow matching (willisma/SiT transport/), written out         #
+#################################################################################
+# SiT's Linear path (ICPlan: alpha_t = t, sigma_t = 1 - t, t = 1 data) with velocity prediction, where
+# create_transport sets train_eps = sample_eps = 0, so training times are U[0, 1) and the ODE runs over [0, 1].
+
+
+def sit_forward(model, x, t, y):
+    """SiT's forward: the DiT's output with its learned-sigma half dropped (`x, _ = x.chunk(2, dim=1)`)."""
+    out = routed_forward(model, x, t, y, None)
+    return out.chunk(2, dim=1)[0] if model.learn_sigma else out
+
+
+def sit_forward_with_cfg(model, x, t, y, cfg_scale, guided_channels=3):
+    """SiT's forward_with_cfg: the first half of x twice, guidance uncond + s (cond - uncond) on the first
+    `guided_channels` output channels (SiT's 3; `in_channels` is its commented-out standard choice)."""
+    half = x[: len(x) // 2]
+    out = sit_forward(model, torch.cat([half, half], 0), t, y)
+    eps, rest = out[:, :guided_channels], out[:, guided_channels:]
+    cond, uncond = torch.split(eps, len(eps) // 2, dim=0)
+    half_eps = uncond + cfg_scale * (cond - uncond)
+    return torch.cat([torch.cat([half_eps, half_eps], 0), rest], dim=1)
+
+
+def sit_training_loss(forward, x1, x0, t, **model_kwargs):
+    """Transport.training_losses' "loss" for (t, x0 noise, x1 data): ICPlan.plan, then mean_flat((v - u_t)^2)."""
+    tt = t.view(t.size(0), *([1] * (x1.ndim - 1)))  # expand_t_like_x
+    alpha_t, d_alpha_t = tt, 1  # ICPlan.compute_alpha_t
+    sigma_t, d_sigma_t = 1 - tt, -1  # ICPlan.compute_sigma_t
+    xt = alpha_t * x1 + sigma_t * x0
+    ut = d_alpha_t * x1 + d_sigma_t * x0
+    out = forward(xt, t, **model_kwargs)
+    return torch.mean((out - ut) ** 2, dim=list(range(1, x1.ndim)))
+
+
+def sit_sample_ode(forward, x, num_steps, method, atol=1e-6, rtol=1e-3, **model_kwargs):
+    """Sampler.sample_ode(...)(x, forward, **kwargs)[-1]: torchdiffeq's odeint over linspace(0, 1, num_steps),
+    the model called at t = ones(B) * t."""
+    from torchdiffeq import odeint
+
+    def fn(t, x):
+        return forward(x, torch.ones(x.size(0)).to(x.device) * t, **model_kwargs)
+
+    grid = torch.linspace(0, 1, num_steps).to(x.device)
+    return odeint(fn, x, grid, method=method, atol=[atol], rtol=[rtol])[-1]
+
+
+def euler_heun_by_hand(forward, x, num_steps, heun, **model_kwargs):
+    """Euler, or Heun's method (x + dt/2 (k1 + k2), k2 at the Euler point of the next time), over
+    linspace(0, 1, num_steps): what torchdiffeq's "euler" and "heun2" compute on SiT's grid."""
+    grid = torch.linspace(0, 1, num_steps)
+    for t0, t1 in zip(grid[:-1].tolist(), grid[1:].tolist()):
+        dt = t1 - t0
+        k1 = forward(x, torch.full((len(x),), t0), **model_kwargs)
+        if not heun:
+            x = x + dt * k1
+            continue
+        k2 = forward(x + dt * k1, torch.full((len(x),), t1), **model_kwargs)
+        x = x + dt / 2 * (k1 + k2)
+    return x
