@@ -5,7 +5,9 @@
 - `ReferenceTraining`: the training step as facebookresearch/DiT's train.py and the DTR paper code take it: the
   model in train mode (label dropout), the hybrid loss of improved DDPM (MSE + VB term) weighted once by w(t)
   (constant or Min-SNR), or ANT-UW's stratified timesteps and uncertainty weighting with its own learning rate,
-  AdamW, and the EMA `ema = decay * ema + (1 - decay) * model`; over any number of simulated DDP ranks.
+  AdamW, and the EMA `ema = decay * ema + (1 - decay) * model`; over any number of simulated DDP ranks. With
+  path="flow": SiT's loss at t ~ U[0, 1) instead, routed by task round((1 - t)(T - 1)), Min-SNR as its epsilon
+  objective written for the velocity, min((1 - s)^2, gamma s^2) at the noise level s = 1 - t.
 - `ddim_sample`: deterministic DDIM (eta = 0) with classifier-free guidance on all channels.
 - `sit_*`: SiT's flow matching (willisma/SiT, transport/ and models.py), the lines the flow path must equal,
   written out: the Linear path's loss with velocity prediction, its ODE sampler over torchdiffeq, SiT's forward
@@ -153,6 +155,7 @@ class ReferenceTraining:
         weight_decay=0.0,
         uw_lr=0.025,
         ema_decay=0.9999,
+        path="ddpm",
     ):
         torch.manual_seed(seed)  # the same initial weights as the recipe's (models.py's initialisation)
         self.model = DiT(
@@ -168,7 +171,7 @@ class ReferenceTraining:
         )
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.masks = dtr_masks(num_tasks, hidden, sharing_ratio, alpha) if sharing_ratio < 1 else None
-        self.weighting, self.s = weighting, Schedule()
+        self.weighting, self.s, self.path, self.num_tasks = weighting, Schedule(), path, num_tasks
         self.k = uw_intervals
         self.bounds = [i * T // uw_intervals for i in range(uw_intervals + 1)]
         groups = [{"params": list(self.model.parameters())}]
@@ -206,6 +209,8 @@ class ReferenceTraining:
         return torch.tensor(mine[i * b : (i + 1) * b])
 
     def timesteps(self, generator):
+        if self.path == "flow" and self.weighting != "uw":
+            return torch.rand(self.local_batch, generator=generator)
         if self.weighting != "uw":
             return torch.randint(0, T, (self.local_batch,), generator=generator)
         # ANT: an equal share of the batch from every interval (the remainder to distinct random intervals),
@@ -229,18 +234,9 @@ class ReferenceTraining:
         x0, y = self.x[index], self.y[index]
         t = self.timesteps(self.generators[rank])
         noise = torch.randn(x0.shape, generator=self.generators[rank])
-        ac = self.s.alphas_cumprod
-        x_t = self.s.at(np.sqrt(ac), t) * x0 + self.s.at(np.sqrt(1 - ac), t) * noise
         torch.set_rng_state(self.cpu_states[rank])
-        out = routed_forward(self.model, x_t, t, y, self.masks)
+        per_sample = self.flow_loss(x0, y, t, noise) if self.path == "flow" else self.ddpm_loss(x0, y, t, noise)
         self.cpu_states[rank] = torch.get_rng_state()
-        mse, vb = hybrid_loss(out, x0, x_t, t, noise, self.s)
-        if self.weighting.startswith("min_snr_"):
-            gamma = float(self.weighting[len("min_snr_") :])
-            w = torch.from_numpy(np.minimum(self.s.snr, gamma) / self.s.snr)[t].float()
-        else:
-            w = torch.ones(len(t))
-        per_sample = w * mse + vb
         if self.log_vars is None:
             return per_sample.mean()
         interval = sum((t >= b).long() for b in self.bounds[1:-1])
@@ -250,6 +246,31 @@ class ReferenceTraining:
                 interval_loss = per_sample[interval == i].mean() / self.k
                 loss = loss + 0.5 * (torch.exp(-self.log_vars[i]) * interval_loss + self.log_vars[i])
         return loss
+
+    def ddpm_loss(self, x0, y, t, noise):
+        """Per-sample w(t) * mse + vb of improved DDPM at timesteps t."""
+        ac = self.s.alphas_cumprod
+        x_t = self.s.at(np.sqrt(ac), t) * x0 + self.s.at(np.sqrt(1 - ac), t) * noise
+        out = routed_forward(self.model, x_t, t, y, self.masks)
+        mse, vb = hybrid_loss(out, x0, x_t, t, noise, self.s)
+        if self.weighting.startswith("min_snr_"):
+            gamma = float(self.weighting[len("min_snr_") :])
+            w = torch.from_numpy(np.minimum(self.s.snr, gamma) / self.s.snr)[t].float()
+        else:
+            w = torch.ones(len(t))
+        return w * mse + vb
+
+    def flow_loss(self, x1, y, t, noise):
+        """Per-sample w(s) * SiT's loss at times t (t = 1 data), s = 1 - t, the velocity the first C channels."""
+        tt = t.view(-1, 1, 1, 1)
+        x_t, u = tt * x1 + (1 - tt) * noise, x1 - noise
+        tasks = torch.round((1 - t.double()) * (self.num_tasks - 1)).long()
+        v = routed_forward(self.model, x_t, t, y, self.masks, tasks)[:, : x1.shape[1]]
+        mse = ((v - u) ** 2).mean(dim=(1, 2, 3))
+        if self.weighting.startswith("min_snr_"):
+            gamma, s = float(self.weighting[len("min_snr_") :]), 1 - t.double()
+            return torch.minimum((1 - s) ** 2, gamma * s**2).float() * mse
+        return mse
 
     def step(self):
         self.model.train()
@@ -296,8 +317,9 @@ REFERENCE_KEYS = [
 CHANGED = {"lr": 0.001, "weight_decay": 0.03, "uw_lr": 0.01, "ema_decay": 0.6}
 
 
-def reference(weighting, sharing_ratio, changed_after=None, steps=4, world_size=1, batch=8):
-    """The reference run of REFERENCE_KEYS (this weighting and sharing ratio), CHANGED after `changed_after` steps."""
+def reference(weighting, sharing_ratio, changed_after=None, steps=4, world_size=1, batch=8, path="ddpm"):
+    """The reference run of REFERENCE_KEYS (this weighting, sharing ratio and path), CHANGED after `changed_after`
+    steps."""
     ref = ReferenceTraining(
         hidden=HIDDEN,
         depth=DEPTH,
@@ -315,6 +337,7 @@ def reference(weighting, sharing_ratio, changed_after=None, steps=4, world_size=
         weight_decay=0.01,
         uw_lr=0.05,
         ema_decay=0.8,
+        path=path,
     )
     for step in range(steps):
         if step == changed_after:
@@ -424,10 +447,10 @@ def to_uint8_digits(x):
     return gray[..., None].expand(*gray.shape, 3).numpy()
 
 
-def sample_ddp(model, shape, n, world_size, batch, seed, **kwargs):
+def sample_ddp(model, shape, n, world_size, batch, seed, draw=sample, **kwargs):
     """sample_ddp.py's samples: rank r draws samples r, r + W, ... in batches, from a generator seeded
-    seed * W + r (noise of `shape` per sample, then labels, then the sampler's draws). Returns (x, labels) in
-    sample order."""
+    seed * W + r (noise of `shape` per sample, then labels, then the sampler's draws), each batch denoised by
+    draw(model, z, y, generator, **kwargs) (`sample`, or `flow_sample`). Returns (x, labels) in sample order."""
     xs, labels = [None] * n, [None] * n
     for rank in range(world_size):
         generator = torch.Generator().manual_seed(seed * world_size + rank)
@@ -436,7 +459,7 @@ def sample_ddp(model, shape, n, world_size, batch, seed, **kwargs):
             index = mine[start : start + batch]
             z = torch.randn((len(index), *shape), generator=generator)
             y = torch.randint(0, kwargs["num_classes"], (len(index),), generator=generator)
-            out = sample(model, z, y, generator, **kwargs)
+            out = draw(model, z, y, generator, **kwargs)
             for i, k in enumerate(index):
                 xs[k], labels[k] = out[i], int(y[i])
     return torch.stack(xs), np.array(labels)
@@ -502,3 +525,21 @@ def euler_heun_by_hand(forward, x, num_steps, heun, **model_kwargs):
         k2 = forward(x + dt * k1, torch.full((len(x),), t1), **model_kwargs)
         x = x + dt / 2 * (k1 + k2)
     return x
+
+
+@torch.no_grad()
+def flow_sample(model, z, y, generator, *, sampler, steps, cfg_scale, num_classes, masks=None, num_tasks=T):
+    """A flow model's samples: Euler or Heun over linspace(0, 1, steps) from z (t = 0) to data (t = 1), the
+    velocity the first C output channels, uncond + cfg_scale * (cond - uncond) on all of them, every block routed
+    by task round((1 - t)(T - 1)). Draws nothing from generator (the ODE is deterministic)."""
+    C = z.shape[1]
+
+    def velocity(x, t, y):
+        tasks = torch.round((1 - t.double()) * (num_tasks - 1)).long()
+        cond = routed_forward(model, x, t, y, masks, tasks)[:, :C]
+        if cfg_scale <= 1:
+            return cond
+        uncond = routed_forward(model, x, t, torch.full_like(y, num_classes), masks, tasks)[:, :C]
+        return uncond + cfg_scale * (cond - uncond)
+
+    return euler_heun_by_hand(velocity, z, steps, heun=sampler == "heun2", y=y)
