@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import operator
 
 import numpy as np
@@ -13,33 +14,70 @@ from ..validation import check_int
 
 
 def _validate_intervals(intervals):
-    """Return ``intervals`` as a list of int pairs, checking they tile ``[0, T)`` in order."""
+    """Return ``intervals`` as a list of pairs: ints tiling ``[0, T)`` (timesteps) or floats tiling ``[0, 1]`` (noise
+    levels), checked to be sorted, contiguous and non-empty. Every pair has the kind of the first one."""
     if isinstance(intervals, (str, bytes)) or not hasattr(intervals, "__iter__"):
         raise TypeError(f"intervals must be a sequence of (start, end) pairs, got {intervals!r}")
-    out = []
+    out, continuous = [], None
     for i, pair in enumerate(intervals):
-        try:
-            start, end = pair
-            start, end = operator.index(start), operator.index(end)
-        except (TypeError, ValueError):
-            raise TypeError(f"intervals[{i}] must be a (start, end) pair of ints, got {pair!r}") from None
-        expected = out[-1][1] if out else 0
-        if start != expected:
-            where = (
-                "the first interval must start at 0"
-                if not out
-                else (
-                    f"intervals must be sorted, contiguous and non-overlapping: intervals[{i}] "
-                    f"starts at {start} but the previous one ends at {expected}"
-                )
-            )
-            raise ValueError(f"intervals are half-open (start, end) pairs tiling [0, T); {where}")
-        if end <= start:
-            raise ValueError(f"intervals[{i}] = {pair!r} is empty: each needs start < end")
+        start, end, is_float = _pair(pair, i)
+        if continuous is None:
+            continuous = is_float
+        elif is_float != continuous:
+            first = "floats (noise levels)" if continuous else "ints (timesteps)"
+            raise TypeError(f"intervals[{i}] = {pair!r} must be a pair of {first}, like intervals[0]")
+        _check_next(out, start, end, i, pair, continuous)
         out.append((start, end))
     if not out:
         raise ValueError("intervals must contain at least one (start, end) pair")
+    if continuous and out[-1][1] != 1.0:
+        raise ValueError(
+            f"intervals of floats are noise levels tiling [0, 1]: the last one must end at 1.0, got {out[-1][1]!r} "
+            "(give integer timesteps as ints)"
+        )
     return out
+
+
+def _pair(pair, i):
+    """``(start, end, is_float)`` of ``intervals[i]``: two ints (numpy ints too) or two finite floats."""
+    try:
+        start, end = pair
+    except (TypeError, ValueError):
+        start = end = None
+    if all(isinstance(v, float | np.floating) for v in (start, end)):
+        if not (np.isfinite(start) and np.isfinite(end)):
+            raise ValueError(f"intervals[{i}] = {pair!r} must be finite")
+        return float(start), float(end), True
+    try:
+        return operator.index(start), operator.index(end), False
+    except TypeError:
+        raise TypeError(
+            f"intervals[{i}] must be a (start, end) pair of ints (timesteps) or of floats (noise levels in [0, 1]), "
+            f"got {pair!r}"
+        ) from None
+
+
+def _check_next(out, start, end, i, pair, continuous):
+    """Check that ``(start, end)`` continues the tiling ``out``: starts where it ends (at 0 first), is non-empty."""
+    expected = out[-1][1] if out else (0.0 if continuous else 0)
+    if start != expected:
+        where = (
+            f"the first interval must start at {expected!r}"
+            if not out
+            else (
+                f"intervals must be sorted, contiguous and non-overlapping: intervals[{i}] "
+                f"starts at {start} but the previous one ends at {expected}"
+            )
+        )
+        tiling = "[0, 1] (noise levels)" if continuous else "[0, T)"
+        raise ValueError(f"intervals are half-open (start, end) pairs tiling {tiling}; {where}")
+    if end <= start:
+        raise ValueError(f"intervals[{i}] = {pair!r} is empty: each needs start < end")
+
+
+def _is_continuous(intervals):
+    """Whether validated ``intervals`` are noise levels (floats on [0, 1]) rather than integer timesteps."""
+    return isinstance(intervals[0][0], float)
 
 
 # --------------------------------------------------------------------------- intervals
@@ -51,6 +89,39 @@ def uniform_intervals(num_timesteps: int, k: int) -> list[tuple[int, int]]:
     k = check_int(k, "k", minimum=1, maximum=num_timesteps)
     bounds = [i * num_timesteps // k for i in range(k + 1)]
     return list(zip(bounds[:-1], bounds[1:]))
+
+
+def unit_intervals(k: int) -> list[tuple[float, float]]:
+    """Split the noise levels ``[0, 1]`` into k equal contiguous intervals ``(i / k, (i + 1) / k)``."""
+    k = check_int(k, "k", minimum=1)
+    bounds = [i / k for i in range(k + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _grid(grid):
+    """A clustering grid as a list of N + 1 floats: ``i / N`` for an int N, else the given increasing boundaries
+    from 0.0 to 1.0 (a 1-D sequence, numpy array or tensor)."""
+    if isinstance(grid, numbers.Integral) and not isinstance(grid, bool):
+        n = check_int(grid, "grid", minimum=1)
+        return [i / n for i in range(n + 1)]
+    if isinstance(grid, torch.Tensor):
+        grid = grid.detach().cpu().numpy()
+    try:
+        bounds = np.asarray(grid, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise TypeError(f"grid must be an int (number of cells) or 1-D boundaries, got {type(grid).__name__}") from None
+    if bounds.ndim != 1 or bounds.size < 2:
+        raise ValueError(f"grid must be 1-D with at least 2 boundaries, got shape {bounds.shape}")
+    if bounds[0] != 0.0 or bounds[-1] != 1.0 or not (np.diff(bounds) > 0).all():
+        raise ValueError("grid boundaries must increase strictly from 0.0 to 1.0")
+    return bounds.tolist()
+
+
+def _on_grid(intervals, grid):
+    """Integer intervals over grid cells as the float intervals they cover on [0, 1]."""
+    if grid is None:
+        return intervals
+    return [(grid[start], grid[end]) for start, end in intervals]
 
 
 def _cost_by_end(cost, num_timesteps):
@@ -111,10 +182,22 @@ def _cluster_by_end(table, k):
     return list(zip(bounds[:-1], bounds[1:]))
 
 
-def cluster_intervals(cost, k: int, num_timesteps: int | None = None) -> list[tuple[int, int]]:
+def cluster_intervals(cost, k: int, num_timesteps: int | None = None, *, grid=None) -> list[tuple]:
     """Optimal split of ``[0, T)`` into k contiguous intervals minimising the summed cost(l, r)
-    of the inclusive intervals [l, r] (exact dynamic program, O(k T^2) vectorised time)."""
-    return _cluster_by_end(_cost_by_end(cost, num_timesteps), k)
+    of the inclusive intervals [l, r] (exact dynamic program, O(k T^2) vectorised time).
+
+    With ``grid`` (an int N for N equal cells of [0, 1], or N + 1 increasing boundaries from 0.0 to 1.0) the T = N
+    indices are the grid's cells and the result is the float intervals of noise levels they cover."""
+    if grid is not None:
+        grid = _grid(grid)
+        cells = len(grid) - 1
+        if num_timesteps is not None and check_int(num_timesteps, "num_timesteps", minimum=1) != cells:
+            raise ValueError(f"num_timesteps={num_timesteps} does not match the grid's {cells} cells")
+        num_timesteps = cells if callable(cost) else num_timesteps
+    table = _cost_by_end(cost, num_timesteps)
+    if grid is not None and table.shape[0] != len(grid) - 1:
+        raise ValueError(f"the cost matrix size {table.shape[0]} does not match the grid's {len(grid) - 1} cells")
+    return _on_grid(_cluster_by_end(table, k), grid)
 
 
 def _snr_cost_by_end(snr):
@@ -142,17 +225,33 @@ def _snr_cost_by_end(snr):
     return np.where(lo <= r, table, np.inf)
 
 
-def snr_intervals(snr: np.ndarray | torch.Tensor, k: int) -> list[tuple[int, int]]:
-    """ANT's SNR-based interval clustering of the timesteps with the given per-timestep SNRs."""
-    return _cluster_by_end(_snr_cost_by_end(snr), k)
+def snr_intervals(snr: np.ndarray | torch.Tensor, k: int, *, grid=None) -> list[tuple]:
+    """ANT's SNR-based interval clustering of the timesteps with the given per-timestep SNRs.
+
+    With ``grid`` (see :func:`cluster_intervals`), ``snr`` holds one SNR per grid cell (e.g. :func:`flow_snr` at the
+    cells' midpoints) and the result is float intervals of noise levels."""
+    table = _snr_cost_by_end(snr)
+    if grid is not None:
+        grid = _grid(grid)
+        if table.shape[0] != len(grid) - 1:
+            raise ValueError(f"snr has {table.shape[0]} values but the grid has {len(grid) - 1} cells")
+    return _on_grid(_cluster_by_end(table, k), grid)
 
 
 def interval_index(t: torch.Tensor, intervals) -> torch.Tensor:
-    """Index of the interval holding each timestep (vectorised); t must be integers in [0, T)."""
+    """Index of the interval holding each timestep (vectorised): integer t in [0, T) for integer intervals, noise
+    levels t in [0, 1] (any float dtype, compared exactly) for float intervals, where ``t = 1`` is in the last."""
     intervals = _validate_intervals(intervals)
     t = torch.as_tensor(t)
+    if _is_continuous(intervals):
+        if not t.is_floating_point():
+            raise TypeError(f"t must hold noise levels in [0, 1] (a float dtype) for float intervals, got {t.dtype}")
+        if t.numel() and not bool(((t >= 0) & (t <= 1)).all()):
+            raise ValueError("t must be noise levels in [0, 1] for float intervals; got values outside it or NaN")
+        boundaries = torch.tensor([end for _, end in intervals[:-1]], dtype=torch.float64, device=t.device)
+        return torch.bucketize(t.double(), boundaries, right=True)
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise TypeError(f"t must hold integer timesteps, got dtype {t.dtype}")
+        raise TypeError(f"t must hold integer timesteps for integer intervals, got dtype {t.dtype}")
     T = intervals[-1][1]
     if t.numel() and bool(((t < 0) | (t >= T)).any()):
         raise ValueError(f"t must be in [0, {T}) (num_timesteps={T})")
