@@ -14,6 +14,7 @@ naming the key and exit code 2, before they write anything.
 
 import difflib
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -63,6 +64,8 @@ Path = choices("Path", ["ddpm", "flow"])
 # Each path's samplers; "auto" is the path's first: DDPM's ancestral sampler, SiT's default ODE solver.
 SAMPLERS = {"ddpm": ("ddpm", "ddim"), "flow": ("dopri5", "euler", "heun2")}
 Sampler = choices("Sampler", ["auto", *SAMPLERS["ddpm"], *SAMPLERS["flow"]])
+Density = choices("Density", ["uniform", "logit_normal", "mode"])  # dtr.weighting's noise-level densities
+MODE_SCALE_MAX = 2 / (math.pi - 2)  # SD3's mode map is a density for scales in [-1, 2 / (pi - 2)]
 
 
 @dataclass
@@ -117,6 +120,15 @@ class Models:
 
 
 @dataclass
+class FlowKeys:
+    density: Density = MISSING
+    logit_mean: float = MISSING
+    logit_std: float = MISSING
+    mode_scale: float = MISSING
+    shift: float = MISSING
+
+
+@dataclass
 class Data:
     name: DataName = MISSING
     num_classes: int = MISSING
@@ -166,6 +178,7 @@ class Config:
     general: General = field(default_factory=General)
     optim: Optim = field(default_factory=Optim)
     models: Models = field(default_factory=Models)
+    flow: FlowKeys = field(default_factory=FlowKeys)
     data: Data = field(default_factory=Data)
     logs: Logs = field(default_factory=Logs)
     eval: Eval = field(default_factory=Eval)
@@ -204,6 +217,10 @@ FLOAT_RANGES = {  # finite, always
     "models.routing.sharing_ratio": dict(low=0.0, high=1.0, low_open=True, hint=" (1.0 = no routing, the baseline)"),
     "models.routing.alpha": dict(low=0.0, low_open=True),
     "eval.cfg_scale": dict(low=1.0, hint=" (1.0 = no guidance)"),
+    "flow.logit_mean": {},
+    "flow.logit_std": dict(low=0.0, low_open=True),
+    "flow.mode_scale": dict(low=-1.0, high=MODE_SCALE_MAX),
+    "flow.shift": dict(low=0.0, low_open=True, hint=" (1.0 = no shift)"),
     "eval.atol": dict(low=0.0, low_open=True),
     "eval.rtol": dict(low=0.0, low_open=True),
 }
@@ -313,6 +330,7 @@ def validate(cfg):
             f"eval.num_sampling_steps={e.num_sampling_steps}: {e.sampler} needs >= 2 (the points of SiT's time grid, "
             "both ends included)"
         )
+    check_flow_keys(cfg)
     if g.path == "flow" and g.schedule_name != "linear":
         raise ConfigError(
             f"general.schedule_name={g.schedule_name} is a DDPM noise schedule: general.path=flow has none "
@@ -347,6 +365,33 @@ def validate(cfg):
             f"models.name={m.name}: patch size {patch} does not divide the model input size {size} "
             f"(general.image_size={g.image_size})"
         )
+
+
+# The flow group's defaults (SiT's uniform density; SD3's logit-normal and mode parameters), and whose each is.
+FLOW_DEFAULTS = {"density": "uniform", "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29, "shift": 1.0}
+DENSITY_KEYS = {"logit_mean": "logit_normal", "logit_std": "logit_normal", "mode_scale": "mode"}
+
+
+def check_flow_keys(cfg):
+    """The flow group applies to general.path=flow, and each density parameter to its own density."""
+    f = cfg.flow
+    if cfg.general.path != "flow":
+        changed = [f"flow.{k}={f[k]}" for k, v in FLOW_DEFAULTS.items() if f[k] != v]
+        if changed:
+            raise ConfigError(f"{changed[0]} applies to general.path=flow (the flow's noise-level density)")
+    for key, density in DENSITY_KEYS.items():
+        if f[key] != FLOW_DEFAULTS[key] and f.density != density:
+            raise ConfigError(f"flow.{key} applies to flow.density={density}, not flow.density={f.density}")
+
+
+def flow_density(cfg):
+    """diffusion.create_flow's density keywords: the density, its own parameters and the shift."""
+    f = cfg.flow
+    return dict(
+        density=str(f.density),
+        shift=f.shift,
+        **{key: f[key] for key, density in DENSITY_KEYS.items() if density == f.density},
+    )
 
 
 #################################################################################

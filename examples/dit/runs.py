@@ -21,6 +21,8 @@ from omegaconf import OmegaConf
 
 import config
 
+# The flow's training density (general.path=flow); with ANT-UW its intervals, hence the UW state, depend on it.
+FLOW_DENSITY_KEYS = tuple(f"flow.{key}" for key in config.FLOW_DEFAULTS)
 # Keys a checkpoint's weights depend on: sampling or resuming with other values cannot use them.
 MODEL_KEYS = (
     "general.path",
@@ -49,11 +51,12 @@ RUN_KEYS = (
     "general.schedule_name",
     "general.mixed_precision",
     "models.class_dropout_prob",
+    *FLOW_DENSITY_KEYS,
 )
 # Keys that take effect from the resumed step on (set on the optimizer, read by the EMA each step), and are logged.
 APPLIED_KEYS = ("optim.lr", "optim.weight_decay", "optim.uw_lr", "optim.ema_decay")
 # The value a key had before the recipe had it: what a checkpoint written then, without the key, was made with.
-LEGACY_VALUES = {"general.path": "ddpm"}
+LEGACY_VALUES = {"general.path": "ddpm", **{f"flow.{k}": v for k, v in config.FLOW_DEFAULTS.items()}}
 # What a train.py checkpoint holds, besides its digest (older checkpoints have none).
 CONTENTS = ("model", "ema", "opt", "uw", "config", "step", "rng")
 
@@ -302,7 +305,7 @@ def check_resume(cfg, checkpoint, path):
             f"general.resume={path} is not a train.py checkpoint: it has no {', '.join(missing)} (expected "
             f"{', '.join(CONTENTS)}; a bare DiT state dict has no optimizer state to resume)"
         )
-    uw = ("general.uw_intervals",) if cfg.general.loss_weight_type == "uw" else ()
+    uw = ("general.uw_intervals", *FLOW_DENSITY_KEYS) if cfg.general.loss_weight_type == "uw" else ()
     check_same_model(cfg, checkpoint["config"], path, keys=STATE_KEYS + uw)
     if cfg.general.fork:
         return None

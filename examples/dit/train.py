@@ -93,20 +93,25 @@ def training_process(cfg):
     loss weighting of general.loss_weight_type."""
     g = cfg.general
     if config.is_flow(cfg):
-        return create_flow(loss_weight_type=g.loss_weight_type)
+        return create_flow(loss_weight_type=g.loss_weight_type, **config.flow_density(cfg))
     return create_diffusion("", noise_schedule=g.schedule_name, loss_weight_type=g.loss_weight_type)
 
 
 def ant_uw(cfg, process, device):
     """ANT-UW's (intervals, stratified sampler, uncertainty weighting); Nones for other weightings.
 
-    DDPM: general.uw_intervals uniform intervals of the timesteps [0, T).
+    DDPM: general.uw_intervals uniform intervals of the timesteps [0, T). Flow: as many intervals of the noise
+    level s, of equal probability under the flow density (uniform: equal intervals of [0, 1]).
     """
     g = cfg.general
     if g.loss_weight_type != "uw":
         return None, None, None
-    intervals = uniform_intervals(process.num_timesteps, g.uw_intervals)
-    return intervals, StratifiedTimestepSampler(intervals), UncertaintyWeighting(g.uw_intervals).to(device)
+    if isinstance(process, Flow):
+        intervals, sampler = process.stratified(g.uw_intervals)
+    else:
+        intervals = uniform_intervals(process.num_timesteps, g.uw_intervals)
+        sampler = StratifiedTimestepSampler(intervals)
+    return intervals, sampler, UncertaintyWeighting(g.uw_intervals).to(device)
 
 
 def training_times(process, stratified, n, device, generator):

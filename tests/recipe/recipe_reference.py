@@ -7,7 +7,8 @@
   (constant or Min-SNR), or ANT-UW's stratified timesteps and uncertainty weighting with its own learning rate,
   AdamW, and the EMA `ema = decay * ema + (1 - decay) * model`; over any number of simulated DDP ranks. With
   path="flow": SiT's loss at t ~ U[0, 1) instead, routed by task round((1 - t)(T - 1)), Min-SNR as its epsilon
-  objective written for the velocity, min((1 - s)^2, gamma s^2) at the noise level s = 1 - t.
+  objective written for the velocity, min((1 - s)^2, gamma s^2) at the noise level s = 1 - t, ANT-UW on k equal
+  intervals of s.
 - `ddim_sample`: deterministic DDIM (eta = 0) with classifier-free guidance on all channels.
 - `sit_*`: SiT's flow matching (willisma/SiT, transport/ and models.py), the lines the flow path must equal,
   written out: the Linear path's loss with velocity prediction, its ODE sampler over torchdiffeq, SiT's forward
@@ -209,37 +210,41 @@ class ReferenceTraining:
         return torch.tensor(mine[i * b : (i + 1) * b])
 
     def timesteps(self, generator):
-        if self.path == "flow" and self.weighting != "uw":
-            return torch.rand(self.local_batch, generator=generator)
+        """(timesteps, ANT-UW interval of each or None): DDPM timesteps in [0, T), or flow times t in [0, 1)."""
         if self.weighting != "uw":
-            return torch.randint(0, T, (self.local_batch,), generator=generator)
+            if self.path == "flow":
+                return torch.rand(self.local_batch, generator=generator), None
+            return torch.randint(0, T, (self.local_batch,), generator=generator), None
         # ANT: an equal share of the batch from every interval (the remainder to distinct random intervals),
-        # uniform inside the interval.
+        # uniform inside the interval: of the timesteps, or (flow) of the noise levels s in k equal intervals of
+        # [0, 1], with t = 1 - s.
         counts = [self.local_batch // self.k] * self.k
         if self.local_batch % self.k:
             for i in torch.randperm(self.k, generator=generator)[: self.local_batch % self.k].tolist():
                 counts[i] += 1
         u = torch.rand(self.local_batch, generator=generator, dtype=torch.float64).tolist()
-        t, j = [], 0
+        t, interval, j = [], [], 0
         for i, count in enumerate(counts):
             lo, size = self.bounds[i], self.bounds[i + 1] - self.bounds[i]
             for _ in range(count):
-                t.append(lo + min(int(u[j] * size), size - 1))
+                t.append((i + u[j]) / self.k if self.path == "flow" else lo + min(int(u[j] * size), size - 1))
+                interval.append(i)
                 j += 1
-        return torch.tensor(t)
+        if self.path == "flow":  # t holds s, drawn in float64: rounded to float32, then t = 1 - s
+            return 1 - torch.tensor(t, dtype=torch.float64).float(), torch.tensor(interval)
+        return torch.tensor(t), torch.tensor(interval)
 
     def rank_loss(self, rank):
         """This rank's loss at the current step (the model in train mode: labels dropped at random)."""
         index = self.batch(rank)
         x0, y = self.x[index], self.y[index]
-        t = self.timesteps(self.generators[rank])
+        t, interval = self.timesteps(self.generators[rank])
         noise = torch.randn(x0.shape, generator=self.generators[rank])
         torch.set_rng_state(self.cpu_states[rank])
         per_sample = self.flow_loss(x0, y, t, noise) if self.path == "flow" else self.ddpm_loss(x0, y, t, noise)
         self.cpu_states[rank] = torch.get_rng_state()
         if self.log_vars is None:
             return per_sample.mean()
-        interval = sum((t >= b).long() for b in self.bounds[1:-1])
         loss = 0.0
         for i in range(self.k):
             if (interval == i).any():

@@ -6,12 +6,15 @@ flow path must equal them for the same (x1, noise, t) and on the same grid, to f
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy.stats import kstest, norm
 
 from diffusion.flow import ODE_METHODS, create_flow
+from dtr.weighting import interval_index
 from models import DiT
 from recipe_reference import (
     euler_heun_by_hand,
@@ -222,3 +225,56 @@ def test_bad_sampler_arguments_are_named():
     with pytest.raises(ValueError, match="prediction='noise'.*velocity"):
         create_flow(prediction="noise")
     assert ODE_METHODS == ("euler", "heun2", "dopri5")
+
+
+#################################################################################
+#                   Training densities of the noise level s = 1 - t             #
+#################################################################################
+
+
+def test_uniform_density_draws_sits_times():
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    assert torch.equal(create_flow().sample_time(100, generator=g1), torch.rand(100, generator=g2))
+
+
+@settings(max_examples=10, deadline=None)
+@given(mean=st.floats(-1.5, 1.5), std=st.floats(0.3, 2.0))
+def test_logit_normal_times_follow_the_density(mean, std):
+    """t = 1 - s, s = sigmoid(mean + std * Phi^-1(u)) for the generator's float64 u: the formula draw for draw,
+    and s's distribution the logit-normal's (Kolmogorov-Smirnov against its CDF Phi((logit s - mean) / std))."""
+    flow = create_flow(density="logit_normal", logit_mean=mean, logit_std=std)
+    t = flow.sample_time(2000, generator=torch.Generator().manual_seed(0))
+    u = torch.rand(2000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    s = torch.sigmoid(mean + std * torch.special.ndtri(u))
+    torch.testing.assert_close(t, 1 - s.float(), rtol=0, atol=1e-6)
+    assert kstest((1 - t.double()).numpy(), lambda x: norm.cdf((np.log(x / (1 - x)) - mean) / std)).pvalue > 1e-3
+
+
+def test_recipe_keys_reach_the_density_and_ant_uw(tmp_path):
+    """flow.* keys: train.py draws its times from the configured density, and ANT-UW splits s into intervals of
+    equal probability under it (uniform: k equal intervals of [0, 1]), an equal share of each batch from each."""
+    import config
+    import train
+    from dtr.weighting import quantile_intervals
+
+    keys = ["data=digits", "general.path=flow", "flow.density=logit_normal", "flow.logit_mean=0.5", "flow.shift=3"]
+    cfg = config.load([*keys, "general.loss_weight_type=uw", "general.uw_intervals=4"])
+    process = train.training_process(cfg)
+    t, level = train.training_times(process, None, 500, torch.device("cpu"), torch.Generator().manual_seed(1))
+    u = torch.rand(500, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    s = torch.sigmoid(0.5 + torch.special.ndtri(u))
+    torch.testing.assert_close(t, 1 - (3 * s / (1 + 2 * s)).float(), rtol=0, atol=1e-6)
+    assert torch.equal(level, 1 - t)
+
+    intervals, sampler, uw = train.ant_uw(cfg, process, torch.device("cpu"))
+    assert intervals == quantile_intervals(4, "logit_normal", logit_mean=0.5, shift=3.0) and uw.num_intervals == 4
+    t, level = train.training_times(process, sampler, 8, torch.device("cpu"), torch.Generator().manual_seed(2))
+    assert torch.equal(t, 1 - level)
+    assert torch.bincount(interval_index(level, intervals), minlength=4).tolist() == [2, 2, 2, 2]
+    plain = config.load(["data=digits", "general.path=flow", "general.loss_weight_type=uw", "general.uw_intervals=4"])
+    assert train.ant_uw(plain, train.training_process(plain), torch.device("cpu"))[0] == [
+        (0.0, 0.25),
+        (0.25, 0.5),
+        (0.5, 0.75),
+        (0.75, 1.0),
+    ]

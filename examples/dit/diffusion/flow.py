@@ -7,8 +7,9 @@ SiT (Ma et al., 2024; willisma/SiT, transport/) in its own time convention, t = 
 
 Training minimises the per-sample mean((v(x_t, t) - u_t) ** 2) at t ~ U[0, 1) (SiT's train_eps is 0 for
 the linear path with velocity prediction), optionally weighted by the noise level s = 1 - t (dtr.weighting's
-flow weights). Sampling integrates dx/dt = v(x, t) from t = 0 to t = 1 with torchdiffeq, as SiT does: Euler
-and Heun on SiT's grid linspace(0, 1, num_steps) (num_steps points, num_steps - 1 steps), or adaptive dopri5.
+flow weights), or at t = 1 - s with s drawn from a flow density (logit-normal, SD3's mode, shifted).
+Sampling integrates dx/dt = v(x, t) from t = 0 to t = 1 with torchdiffeq, as SiT does: Euler and Heun on
+SiT's grid linspace(0, 1, num_steps) (num_steps points, num_steps - 1 steps), or adaptive dopri5.
 
 The model gets t in [0, 1] unscaled, as SiT feeds its timestep embedder; dtr.wrap reads it with
 timestep_kind="unit_reversed" (task round((1 - t) * (T - 1)): data is task 0, as DDPM's t = 0). A model with
@@ -19,7 +20,7 @@ the velocity and the rest ignored, as SiT's forward does.
 import torch
 from torchdiffeq import odeint
 
-from dtr.weighting import parse_loss_weight_type
+from dtr.weighting import StratifiedTimestepSampler, flow_snr, parse_loss_weight_type, quantile_intervals
 
 from .gaussian_diffusion import mean_flat
 
@@ -44,20 +45,33 @@ class Flow:
     loss_weight_type: dtr.weighting's names ("constant", "min_snr_<gamma>", "p2weight_<gamma>_<k>", "uw"), the
     weight taken at the flow SNR of the noise level s = 1 - t for a velocity target (prediction="flow"); "uw"
     weighs 1 here, its uncertainty weighting is train.py's.
+    density: the noise levels' training density, dtr.weighting's ("uniform": SiT's t ~ U[0, 1); "logit_normal"
+    with logit_mean / logit_std; SD3's "mode" with mode_scale; each shifted by shift, 1 = none).
     """
 
-    def __init__(self, prediction="velocity", loss_weight_type="constant"):
+    def __init__(self, prediction="velocity", loss_weight_type="constant", density="uniform", **density_keys):
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction={prediction!r} is not supported; valid: {', '.join(PREDICTIONS)}")
         self.prediction = prediction
         self.loss_weight_type = loss_weight_type
         self.loss_weight = parse_loss_weight_type(loss_weight_type)
+        self.density = dict(density=density, **density_keys)
+        plain = density == "uniform" and self.density.get("shift", 1.0) == 1.0
+        self.levels = None if plain else StratifiedTimestepSampler([(0.0, 1.0)], **self.density)
 
     # ----------------------------------------------------------------- training
 
     def sample_time(self, n, device=None, generator=None):
-        """n training times t ~ U[0, 1) (SiT's)."""
-        return torch.rand(n, device=device, generator=generator)
+        """n training times: SiT's t ~ U[0, 1) for the plain uniform density, else t = 1 - s, s from the density."""
+        if self.levels is None:
+            return torch.rand(n, device=device, generator=generator)
+        return 1 - self.levels.sample(n, device=device, generator=generator)
+
+    def stratified(self, k):
+        """ANT-UW on the noise level s: k intervals of equal probability under the density (for uniform: ANT's k
+        equal intervals of [0, 1]) and the sampler drawing an equal share from each, so batches keep the density."""
+        intervals = quantile_intervals(k, **self.density)
+        return intervals, StratifiedTimestepSampler(intervals, **self.density)
 
     def interpolate(self, x1, noise, t):
         """(x_t, u_t): the point at time t between noise (t = 0) and data (t = 1), and its velocity."""
@@ -68,8 +82,6 @@ class Flow:
         """w(t): the loss weighting at the noise level s = 1 - t, for the velocity target; 1 for constant and uw."""
         if self.loss_weight.kind in ("constant", "uw"):
             return torch.ones_like(t)
-        from dtr.weighting import flow_snr
-
         return self.loss_weight.weight(flow_snr(1 - t), prediction="flow")
 
     def training_losses(self, model, x1, model_kwargs=None, t=None, noise=None):
@@ -111,6 +123,7 @@ class Flow:
         return odeint(drift, noise, ends, method=method, options=dict(grid_constructor=lambda *_: grid))[-1]
 
 
-def create_flow(prediction="velocity", loss_weight_type="constant"):
-    """The flow-matching process of general.path=flow (SiT's Linear path, velocity prediction)."""
-    return Flow(prediction=prediction, loss_weight_type=loss_weight_type)
+def create_flow(prediction="velocity", loss_weight_type="constant", density="uniform", **density_keys):
+    """The flow-matching process of general.path=flow (SiT's Linear path, velocity prediction); density_keys:
+    the density's own (logit_mean and logit_std, or mode_scale) and shift, as dtr.weighting takes them."""
+    return Flow(prediction=prediction, loss_weight_type=loss_weight_type, density=density, **density_keys)
