@@ -292,13 +292,18 @@ def test_evaluate_with_an_offline_extractor_against_a_folder(tmp_path):
         evaluate.main(config.load([*base, "eval.feature_extractor=nope", f"eval.ref_batch={tmp_path / 'ref'}"]))
 
 
-def test_demo_end_to_end_at_toy_size(workdir, tmp_path, monkeypatch, capsys):
-    """The demo trains, samples, evaluates and prints; its samples are the reference's from its checkpoint's EMA."""
+@pytest.mark.parametrize("path", ["ddpm", "flow"])
+def test_demo_end_to_end_at_toy_size(workdir, tmp_path, monkeypatch, capsys, path):
+    """The demo trains, samples, evaluates and prints; its samples are the reference's from its checkpoint's EMA
+    (DDPM's sampler, or the flow's Heun)."""
     import demo
 
     monkeypatch.chdir(tmp_path)
+    sampler = "heun2" if path == "flow" else "ddpm"
     metrics = demo.main(
         [
+            f"general.path={path}",
+            f"eval.sampler={sampler}",
             "models.depth=2",
             "models.hidden_size=32",
             "general.iterations=2",
@@ -326,8 +331,9 @@ def test_demo_end_to_end_at_toy_size(workdir, tmp_path, monkeypatch, capsys):
         / "0000002.pt"
     )
     model, masks = digits_model(ckpt["ema"], alpha=4.0, num_tasks=1000)
+    draw = flow_sample if path == "flow" else reference_sample
     x, labels = sample_ddp_reference(
-        model, (1, 8, 8), 12, 1, 500, seed=0, sampler="ddpm", steps=2, cfg_scale=1.5, num_classes=10, masks=masks
+        model, (1, 8, 8), 12, 1, 500, 0, draw, sampler=sampler, steps=2, cfg_scale=1.5, num_classes=10, masks=masks
     )
     (npz,) = model_dir.glob("*.npz")
     images, sampled_labels = check_npz(npz, 12)
