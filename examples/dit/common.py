@@ -126,7 +126,8 @@ def build_model(cfg):
 def route(model, cfg):
     """dtr.wrap the model as models.routing asks; sharing_ratio = 1.0 (the baseline) leaves it untouched.
 
-    Under general.path=flow the model gets SiT's t in [0, 1] (1 = data): timestep_kind="unit_reversed".
+    Under general.path=flow the model gets SiT's t in [0, 1] (1 = data): timestep_kind="unit_reversed", and
+    models.routing.task_axis=logsnr routes its noise level 1 - t to the DDPM task of equal log-SNR.
     """
     if not config.is_routed(cfg):
         return None
@@ -138,6 +139,7 @@ def route(model, cfg):
         method=config.routing_method(cfg),
         num_tasks=r.taskcount,
         seed=r.seed,
+        task_axis=str(r.task_axis),
         timestep_kind="unit_reversed" if config.is_flow(cfg) else None,
     )
 

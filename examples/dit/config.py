@@ -60,6 +60,7 @@ Schedule = choices("Schedule", ["linear", "cosine"])
 Device = choices("Device", ["auto", "cuda", "cpu"])
 ModelName = choices("ModelName", DiT_models)
 InitMethod = choices("InitMethod", ["DTR", "dtr", "random"])
+TaskAxis = choices("TaskAxis", ["linear", "logsnr"])
 Path = choices("Path", ["ddpm", "flow"])
 # Each path's samplers; "auto" is the path's first: DDPM's ancestral sampler, SiT's default ODE solver.
 SAMPLERS = {"ddpm": ("ddpm", "ddim"), "flow": ("dopri5", "euler", "heun2")}
@@ -107,6 +108,7 @@ class Routing:
     init_method: InitMethod = MISSING
     alpha: float = MISSING
     seed: int = MISSING
+    task_axis: TaskAxis = MISSING
 
 
 @dataclass
@@ -331,6 +333,11 @@ def validate(cfg):
             "both ends included)"
         )
     check_flow_keys(cfg)
+    if m.routing.task_axis != "linear" and g.path != "flow":
+        raise ConfigError(
+            f"models.routing.task_axis={m.routing.task_axis} maps a flow noise level to a task: it needs "
+            "general.path=flow (DDPM timesteps are tasks as they are)"
+        )
     if g.path == "flow" and g.schedule_name != "linear":
         raise ConfigError(
             f"general.schedule_name={g.schedule_name} is a DDPM noise schedule: general.path=flow has none "

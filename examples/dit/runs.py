@@ -38,6 +38,7 @@ MODEL_KEYS = (
     "models.routing.init_method",
     "models.routing.alpha",
     "models.routing.seed",
+    "models.routing.task_axis",
 )
 # The optimizer and UW state depend on the loss weighting too: a resume, even a fork, must keep these.
 STATE_KEYS = (*MODEL_KEYS, "general.loss_weight_type")
@@ -56,7 +57,11 @@ RUN_KEYS = (
 # Keys that take effect from the resumed step on (set on the optimizer, read by the EMA each step), and are logged.
 APPLIED_KEYS = ("optim.lr", "optim.weight_decay", "optim.uw_lr", "optim.ema_decay")
 # The value a key had before the recipe had it: what a checkpoint written then, without the key, was made with.
-LEGACY_VALUES = {"general.path": "ddpm", **{f"flow.{k}": v for k, v in config.FLOW_DEFAULTS.items()}}
+LEGACY_VALUES = {
+    "general.path": "ddpm",
+    "models.routing.task_axis": "linear",
+    **{f"flow.{k}": v for k, v in config.FLOW_DEFAULTS.items()},
+}
 # What a train.py checkpoint holds, besides its digest (older checkpoints have none).
 CONTENTS = ("model", "ema", "opt", "uw", "config", "step", "rng")
 

@@ -278,3 +278,49 @@ def test_recipe_keys_reach_the_density_and_ant_uw(tmp_path):
         (0.5, 0.75),
         (0.75, 1.0),
     ]
+
+
+#################################################################################
+#                   Routing a flow model: t = 1 data, tasks by t or log-SNR     #
+#################################################################################
+
+
+def logsnr_tasks(t, num_tasks):
+    """The task of DiT's linear DDPM schedule over num_tasks steps (betas 1e-4 .. 0.02, scaled by 1000 / T) whose
+    log-SNR log(abar / (1 - abar)) is nearest to the flow's 2 log((1 - s) / s) at s = 1 - t."""
+    betas = np.linspace(1e-4, 0.02, num_tasks) * 1000 / num_tasks
+    abar = np.cumprod(1 - betas)
+    ddpm = np.log(abar / (1 - abar))
+    s = 1 - t.double().numpy()
+    flow = 2 * np.log((1 - s) / s)
+    return torch.from_numpy(np.abs(ddpm[None, :] - flow[:, None]).argmin(axis=1))
+
+
+@pytest.mark.parametrize("task_axis", ["linear", "logsnr"])
+def test_a_flow_model_is_routed_by_sits_t(task_axis):
+    """common.route under general.path=flow: each block routed by the mask of task round((1 - t)(T - 1)), or with
+    models.routing.task_axis=logsnr the DDPM task of equal log-SNR; the t embedder gets t itself."""
+    import common
+    import config
+    from recipe_reference import dtr_masks, routed_forward
+
+    keys = ["data=digits", "models.depth=2", "models.hidden_size=32", "models.routing.alpha=2.0"]
+    cfg = config.load([*keys, "general.path=flow", f"models.routing.task_axis={task_axis}"])
+    torch.manual_seed(0)
+    model = common.build_model(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad and not p.abs().sum():
+                p.normal_(0, 0.1)
+    reference = DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=2, num_heads=4, num_classes=10)
+    reference.load_state_dict(model.state_dict())
+    common.route(model, cfg)
+    t = torch.tensor([1e-4, 0.05, 0.3, 0.5, 0.7, 0.95, 0.9999])
+    tasks = logsnr_tasks(t, 1000) if task_axis == "logsnr" else torch.round((1 - t.double()) * 999).long()
+    x, y = torch.randn(len(t), 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.arange(len(t))
+    with torch.no_grad():
+        ours = model.eval()(x, t, y)
+        expected = routed_forward(reference.eval(), x, t, y, dtr_masks(1000, 32, 0.8, 2.0), tasks)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)
+    if task_axis == "logsnr":  # the two maps differ on these times: the test tells them apart
+        assert not torch.equal(tasks, torch.round((1 - t.double()) * 999).long())

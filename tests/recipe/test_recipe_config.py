@@ -29,6 +29,7 @@ def test_defaults_are_the_papers():
         "init_method": "DTR",
         "alpha": 4.0,
         "seed": 0,
+        "task_axis": "linear",
     }
     assert cfg.eval.cfg_scale == 1.5 and cfg.eval.num_fid_samples == 50_000 and cfg.eval.num_sampling_steps == 250
     assert config.input_size(cfg) == 32 and config.in_channels(cfg) == 4
@@ -134,6 +135,8 @@ def test_new_experiment_dir_counts_up(tmp_path):
         (["general.path=flow", "general.schedule_name=cosine"], ["general.schedule_name", "general.path=flow"]),
         (["eval.atol=0"], ["eval.atol"]),
         (["flow.density=logit_normal"], ["flow.density", "general.path=flow"]),
+        (["models.routing.task_axis=logsnr"], ["models.routing.task_axis", "general.path=flow"]),
+        (["models.routing.task_axis=cubic"], ["models.routing.task_axis", "linear", "logsnr"]),
         (["flow.density=beta"], ["flow.density", "uniform", "logit_normal", "mode"]),
         (["general.path=flow", "flow.logit_std=0.5"], ["flow.logit_std", "flow.density=logit_normal"]),
         (["general.path=flow", "flow.density=logit_normal", "flow.mode_scale=1"], ["flow.mode_scale", "mode"]),
