@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     routing = dtr.wrap(model, sharing_ratio=args.sharing_ratio, alpha=args.alpha)  # before EMAModel and prepare
     logger.info(routing.summary())
     ema_model = None
-    if args.use_ema:  # made after dtr.wrap: model.config carries the routing, so the EMA saves carry it too
+    if args.use_ema:  # made after dtr.wrap: model.config carries the routing, which dtr.save_pretrained(ema) writes
         ema_model = EMAModel(
             model.parameters(),
             decay=args.ema_max_decay,
@@ -154,15 +154,15 @@ def main(argv: list[str] | None = None) -> dict:
     def save_model_hook(models, weights, output_dir):
         """The checkpoint's weights as diffusers folders (unet, unet_ema), each with its routing."""
         if accelerator.is_main_process:
-            if ema_model is not None:
-                ema_model.save_pretrained(os.path.join(output_dir, "unet_ema"))
+            if ema_model is not None:  # EMAModel.save_pretrained would save an unrouted model
+                dtr.save_pretrained(ema_model, os.path.join(output_dir, "unet_ema"))
             for saved in models:
                 dtr.save_pretrained(accelerator.unwrap_model(saved), os.path.join(output_dir, "unet"))
                 weights.pop()  # written above: accelerate need not write them again
 
     def load_model_hook(models, input_dir):
         if ema_model is not None:
-            loaded = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), model_cls=UNet2DModel)
+            loaded = dtr.from_pretrained(EMAModel, os.path.join(input_dir, "unet_ema"), model_cls=UNet2DModel)
             ema_model.load_state_dict(loaded.state_dict())
             ema_model.to(accelerator.device)
         for _ in range(len(models)):

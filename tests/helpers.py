@@ -197,11 +197,11 @@ def free_port() -> int:
 
 
 def untouched(model: nn.Module) -> bool:
-    """No trace of routing: no routed class, no behaviour, no hook."""
+    """No trace of routing: no behaviour, no forward of dtr's (nor anything of dtr's) in an instance dict, no hook."""
     return all(
         not (m._forward_hooks or m._forward_pre_hooks)
         and not any(k.startswith("_dtr") for k in m.__dict__)
-        and not any("_dtr_base" in c.__dict__ for c in type(m).__mro__)
+        and not any(type(v).__module__.startswith("dtr.") for v in m.__dict__.values())
         for m in model.modules()
     )
 

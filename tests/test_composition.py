@@ -96,20 +96,31 @@ def in_order(order, model, system):
 ORDERS = ["system first", "wrap first"]
 
 
-def check_system(order, system, tol=TOL):
+def reference(order, system, where, t):
+    """The reference with ``system`` where it sits relative to routing: a wrapper of the module's forward
+    (``"instance"``: accelerate and diffusers hooks, a user's) is part of the block when applied before dtr.wrap and
+    wraps the routed block when applied after; module hooks (``"outside"``) run around the module's forward, so they
+    wrap the routed block in either order; class patches and parametrize (``"inside"``) are part of the block."""
+    inside = where == "inside" or (where == "instance" and order == "system first")
+    return swapped(system(make()), t) if inside else system(swapped(make(), t))
+
+
+def check_system(order, system, tol=TOL, where="instance"):
     """Routed model with ``system`` == reference with ``system``; unwrapped, == the unrouted model with it."""
     t = inputs(batch=4)[1]
     routed = in_order(order, make(), system)
-    assert_same(routed, swapped(system(make()), t), tol)
+    assert_same(routed, reference(order, system, where, t), tol)
     dtr.unwrap(routed)
     plain = system(make())
     x, t, y = inputs(batch=4)
     with torch.no_grad():
         torch.testing.assert_close(routed.eval()(x, t, y), plain.eval()(x, t, y), rtol=0, atol=0)
         assert not torch.allclose(plain(x, t, y), swapped(system(make()), t).eval()(x, t, y), atol=1e-4)
-    wrap(routed)  # and it can be routed again
+    wrap(routed)  # and it can be routed again: the system is now part of the block
     with torch.no_grad():
-        torch.testing.assert_close(routed.eval()(x, t, y), swapped(system(make()), t).eval()(x, t, y), **tol)
+        torch.testing.assert_close(
+            routed.eval()(x, t, y), reference("system first", system, where, t).eval()(x, t, y), **tol
+        )
 
 
 # -- instance forwards: accelerate and diffusers hooks, a user's wrapper ----------------------------------------
@@ -456,7 +467,7 @@ def test_a_checkpointed_block_recomputed_while_another_call_is_in_progress():
             grads_inside["g"] = torch.autograd.grad(out, [model.blocks[0].qkv.weight], retain_graph=True)[0]
             grads_inside["tasks"] = routing.current_tasks().clone()
 
-    handle = model.register_forward_pre_hook(take_grads)  # the second call is open: routing wraps the hooks
+    handle = model.final_layer.register_forward_pre_hook(take_grads)  # inside the second call (not recomputed)
     model(x, torch.tensor([999, 999, 999, 999]), y)
     handle.remove()
     ref = make().train()
@@ -690,11 +701,19 @@ def test_blocks_that_forbid_new_attributes_are_routed_all_the_same():
     assert untouched(model)
 
 
-def test_a_block_compiled_before_wrap_is_refused_and_nothing_changes():
-    model = make()
-    model.blocks[1].compile()
-    with pytest.raises(TypeError, match="submodule 'blocks.1' was compiled before dtr.wrap.*wrap first, then compile"):
+def test_a_block_compiled_before_wrap_routes_and_runs_unrouted_again_after_unwrap():
+    """``block.compile()`` compiles the block's ``_call_impl``, which reads its instance ``forward``: TorchDynamo
+    guards that attribute, so the graph compiled unrouted is not reused once routing puts its forward there (0.3 had
+    to refuse this order), nor the routed graph after unwrap."""
+    model, plain = make(), make()
+    x, t, y = inputs(batch=4)
+    model.blocks[1].compile(backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x, t, y), plain.eval()(x, t, y), rtol=0, atol=0)
         wrap(model)
+        torch.testing.assert_close(model(x, t, y), swapped(make(), t).eval()(x, t, y), **TOL)
+        dtr.unwrap(model)
+        torch.testing.assert_close(model(x, t, y), plain(x, t, y), rtol=0, atol=0)
     assert untouched(model)
 
 

@@ -1,10 +1,13 @@
-"""Routed models through the Hugging Face workflow (issue 18): the routing travels in the model's config.json, so
-every diffusers save writes it (model, pipeline, EMAModel) and dtr.from_pretrained routes what was saved routed,
-from a folder, a subfolder, a Hub repo id (an offline cache laid out as huggingface_hub lays it), a revision or a
-pipeline.  Outputs are compared exactly with the model that was saved, and each routed model is checked to differ
-from the same weights unrouted, so that an equality means the routing came back."""
+"""Routed models through the Hugging Face workflow (issues 18 and 24): the routing travels in the model's
+config.json, sealed, so every save of a routed model writes it (model, pipeline, an EMAModel through
+dtr.save_pretrained) and dtr.from_pretrained routes what was saved routed, from a folder, a subfolder, a Hub repo id
+(an offline cache laid out as huggingface_hub lays it), a revision or a pipeline; a record that rode into a model
+that was not routed (from_config, a plain load, EMAModel.save_pretrained) is never taken for one.  Outputs are
+compared exactly with the model that was saved, and each routed model is checked to differ from the same weights
+unrouted, so that an equality means the routing came back."""
 
 import copy
+import hashlib
 import json
 import logging
 import os
@@ -20,6 +23,12 @@ from hub_helpers import MODELS, outputs, publish, trained
 import dtr
 
 KEY = "dtr_routing"
+SEAL = "dtr_routing_seal"
+
+
+def seal(record):
+    """The seal a routed save writes beside its record, written out: SHA-256 of the record's canonical JSON."""
+    return hashlib.sha256(json.dumps(record, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 @pytest.fixture
@@ -49,6 +58,7 @@ def assert_routed_as(loaded, model, routing, call):
     """``loaded`` is routed as ``model`` was and computes exactly what it computes (and the same weights unrouted
     compute something else)."""
     assert dtr.routing_of(loaded).config == routing.config
+    assert dtr.routing_of(loaded).spec.to_dict() == routing.spec.to_dict()
     want = outputs(model, call)
     torch.testing.assert_close(outputs(loaded, call), want, rtol=0, atol=0)
     unrouted = copy.deepcopy(loaded)
@@ -76,9 +86,11 @@ def test_a_routed_save_carries_its_routing_in_config_json_and_loads_back_routed(
     cls, make, call = MODELS[family]
     model, routing = trained(make, call)
     model.save_pretrained(tmp_path) if how == "model.save_pretrained" else dtr.save_pretrained(model, tmp_path)
-    record = saved_record(tmp_path)
-    assert record["format_version"] == 3 and record["dtr_version"] == dtr.__version__
-    assert record["routing"] == json.loads(json.dumps(routing.config))
+    saved = json.loads((tmp_path / "config.json").read_text())
+    record = saved[KEY]
+    assert record["format_version"] == 4 and record["dtr_version"] == dtr.__version__
+    assert record["config"] == routing.config.to_dict() and record["spec"] == routing.spec.to_dict()
+    assert saved[SEAL] == seal(record) and saved["_use_default_values"] == [SEAL]  # diffusers drops it on load
     assert "dtr.from_pretrained" in record["load_with"]
     assert sorted(os.listdir(tmp_path)) == ["config.json", "diffusion_pytorch_model.safetensors"]  # diffusers' files
 
@@ -97,13 +109,16 @@ def test_wrap_writes_the_record_into_the_config_and_unwrap_takes_it_out(tmp_path
     model = unet2d()
     before = dict(model.config)
     routing = dtr.wrap(model, sharing_ratio=0.5)
-    assert model.config[KEY]["routing"] == routing.config
-    assert copy.deepcopy(model).config[KEY] == model.config[KEY]  # an EMA copy made by deepcopy saves it too
+    assert model.config[KEY]["config"] == routing.config.to_dict()
+    ema = copy.deepcopy(model)  # an EMA copy made by deepcopy is routed, and saves sealed too
+    assert ema.config[KEY] == model.config[KEY]
+    ema.save_pretrained(tmp_path / "ema")
+    assert json.loads((tmp_path / "ema" / "config.json").read_text())[SEAL] == seal(model.config[KEY])
     dtr.unwrap(model)
-    assert dict(model.config) == before
+    assert dict(model.config) == before and "to_json_string" not in model.__dict__
     again = dtr.wrap(model, sharing_ratio=0.7)
     routing.remove()  # an old handle removed twice leaves the new routing and its record alone
-    assert dtr.routing_of(model) is again and model.config[KEY]["routing"]["sharing_ratio"] == 0.7
+    assert dtr.routing_of(model) is again and model.config[KEY]["config"]["sharing_ratio"] == 0.7
     dtr.unwrap(model)
     model.save_pretrained(tmp_path)  # an unwrapped model saves unrouted
     assert KEY not in json.loads((tmp_path / "config.json").read_text())
@@ -128,13 +143,13 @@ def test_non_default_routing_settings_survive_save_and_load(tmp_path, family, kw
     assert_routed_as(loaded, model, routing, call)
 
 
-@pytest.mark.parametrize("source", ["Routing.config", "record", "record after a plain load"])
+@pytest.mark.parametrize("source", ["Routing.to_dict()", "record", "record after a plain load"])
 def test_wrap_from_config_routes_an_unrouted_copy_the_same_way(tmp_path, source):
     model, routing = trained(unet2d, unet2d_call, steps=1)
     model.save_pretrained(tmp_path)
     copy_ = UNet2DModel.from_pretrained(tmp_path)
     config = {
-        "Routing.config": routing.config,
+        "Routing.to_dict()": routing.to_dict(),
         "record": model.config[KEY],
         "record after a plain load": copy_.config[KEY],
     }[source]
@@ -171,7 +186,7 @@ def test_save_pretrained_refuses_what_it_cannot_save_routed(tmp_path):
 def test_subfolder_of_a_saved_pipeline(tmp_path):
     pipeline, routing = trained_pipeline()
     pipeline.save_pretrained(tmp_path)
-    assert saved_record(tmp_path / "unet")["routing"] == json.loads(json.dumps(routing.config))
+    assert saved_record(tmp_path / "unet")["config"] == routing.config.to_dict()
     loaded = dtr.from_pretrained(UNet2DModel, tmp_path, subfolder="unet")
     assert_routed_as(loaded, pipeline.unet, routing, unet2d_call)
 
@@ -249,12 +264,12 @@ def test_a_component_passed_in_is_kept_and_a_pipeline_with_nothing_routed_is_ref
 #################################################################################
 
 
-def test_an_ema_save_of_a_routed_model_keeps_the_routing(tmp_path, diffusers_log):
+def ema_of_training(steps=3):
     model, routing = trained(unet2d, unet2d_call, steps=1)
     model.train()
     ema = EMAModel(model.parameters(), decay=0.5, model_cls=UNet2DModel, model_config=model.config)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    for i in range(3):
+    for i in range(steps):
         unet2d_call(model, seed=20 + i).square().mean().backward()
         opt.step()
         opt.zero_grad()
@@ -262,27 +277,47 @@ def test_an_ema_save_of_a_routed_model_keeps_the_routing(tmp_path, diffusers_log
     averaged = copy.deepcopy(model)
     ema.copy_to(averaged.parameters())
     assert not torch.equal(outputs(averaged, unet2d_call), outputs(model, unet2d_call))
-    ema.save_pretrained(tmp_path / "unet_ema")
-    assert saved_record(tmp_path / "unet_ema")["routing"] == json.loads(json.dumps(routing.config))
+    return model, routing, ema, averaged
+
+
+def test_an_ema_of_a_routed_model_saves_and_loads_routed_through_dtr(tmp_path, diffusers_log):
+    model, routing, ema, averaged = ema_of_training()
+    dtr.save_pretrained(ema, tmp_path / "unet_ema")
+    saved = json.loads((tmp_path / "unet_ema" / "config.json").read_text())
+    assert saved[KEY]["config"] == routing.config.to_dict() and saved[SEAL] == seal(saved[KEY])
+    assert saved["decay"] == 0.5 and saved["optimization_step"] == 3  # EMAModel's own state, as it saves it
 
     diffusers_log.clear()
     loaded = dtr.from_pretrained(UNet2DModel, tmp_path / "unet_ema")
     assert_routed_as(loaded, averaged, routing, unet2d_call)
     # diffusers still warns about EMAModel's own keys, and only about those
     assert any("'decay': 0.5" in m for m in diffusers_log) and not any(KEY in m for m in diffusers_log)
-    # EMAModel's own loader keeps the record in the config it passes on
-    assert (
-        EMAModel.from_pretrained(tmp_path / "unet_ema", model_cls=UNet2DModel).model_config[KEY]["routing"]
-        == routing.config
-    )
+    back = dtr.from_pretrained(EMAModel, tmp_path / "unet_ema", model_cls=UNet2DModel)
+    assert back.decay == 0.5 and back.optimization_step == 3
+    assert all(torch.equal(a, b) for a, b in zip(back.shadow_params, ema.shadow_params))
+    assert back.model_config[KEY]["config"] == routing.config.to_dict()  # so that it saves routed again
+    dtr.save_pretrained(back, tmp_path / "again")
+    assert_routed_as(dtr.from_pretrained(UNet2DModel, tmp_path / "again"), averaged, routing, unet2d_call)
 
 
-def test_an_ema_made_before_wrap_saves_unrouted_and_is_refused_with_the_reason(tmp_path):
+def test_ema_model_save_pretrained_writes_an_unsealed_record_that_is_refused_with_what_to_do(tmp_path):
+    """EMAModel.save_pretrained builds an unrouted model from the config: its record rode along, and is not a
+    routing (0.3 loaded it routed).  dtr.save_pretrained(ema) is the routed save."""
+    _, _, ema, _ = ema_of_training(steps=1)
+    ema.save_pretrained(tmp_path)
+    assert KEY in json.loads((tmp_path / "config.json").read_text())
+    with pytest.raises(ValueError, match=r"not written by a routed model.*dtr.save_pretrained\(ema_model, path\)"):
+        dtr.from_pretrained(UNet2DModel, tmp_path)
+
+
+def test_an_ema_made_before_wrap_is_refused_with_the_reason(tmp_path):
     model = unet2d()
     ema = EMAModel(model.parameters(), model_cls=UNet2DModel, model_config=model.config)  # before wrap
     dtr.wrap(model)
+    with pytest.raises(ValueError, match="carries no routing: it was made before dtr.wrap"):
+        dtr.save_pretrained(ema, tmp_path)
     ema.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="carries no routing.*EMAModel made before dtr.wrap"):
+    with pytest.raises(ValueError, match="carries no routing"):
         dtr.from_pretrained(UNet2DModel, tmp_path)
 
 
@@ -305,39 +340,79 @@ def test_an_unrouted_save_over_a_routed_one_leaves_no_routing(tmp_path, how):
         dtr.from_pretrained(UNet2DModel, tmp_path)
 
 
-def test_a_plainly_loaded_model_keeps_the_record_of_its_weights(tmp_path, diffusers_log):
-    """A plain load keeps the config's record (diffusers keeps keys it does not know), and says so; saving that
-    model again keeps saying how its weights were trained to be routed.  dtr.unwrap is how a model drops it."""
+@pytest.mark.parametrize("how", ["from_config of a routed config", "plain from_pretrained, trained, saved"])
+def test_a_record_that_rode_into_an_unrouted_model_is_never_loaded_as_a_routing(tmp_path, how, diffusers_log):
+    """Case 3 of issue 24: diffusers copies unknown config keys into every model built from a config, so the record
+    rides into models that are not routed; their saves are not routed saves (0.3 loaded them routed: 2.16 and 1.16
+    off).  A plain load still warns, and its record still routes a copy by hand (wrap_from_config)."""
     model, routing = trained(unet2d, unet2d_call)
     model.save_pretrained(tmp_path / "a")
-    plain = UNet2DModel.from_pretrained(tmp_path / "a")
-    assert any(KEY in m for m in diffusers_log)
-    plain.save_pretrained(tmp_path / "b")
-    assert_routed_as(dtr.from_pretrained(UNet2DModel, tmp_path / "b"), model, routing, unet2d_call)
-    dtr.wrap_from_config(plain, plain.config[KEY])
-    dtr.unwrap(plain)
-    plain.save_pretrained(tmp_path / "b")
-    with pytest.raises(ValueError, match="carries no routing"):
+    if how == "from_config of a routed config":
+        other = UNet2DModel.from_config(model.config)
+    else:
+        other = UNet2DModel.from_pretrained(tmp_path / "a")
+        assert any(KEY in m and "dtr.from_pretrained" in m for m in diffusers_log)
+    assert dtr.routing_of(other) is None and KEY in other.config  # diffusers kept the key
+    opt = torch.optim.SGD(other.parameters(), lr=0.05)
+    unet2d_call(other.train(), seed=5).square().mean().backward()  # trained unrouted
+    opt.step()
+    other.save_pretrained(tmp_path / "b")
+    saved = json.loads((tmp_path / "b" / "config.json").read_text())
+    assert SEAL not in saved
+    with pytest.raises(ValueError, match=r"b.config.json: the 'dtr_routing' record was not written by a routed model"):
         dtr.from_pretrained(UNet2DModel, tmp_path / "b")
+    plain = UNet2DModel.from_pretrained(tmp_path / "b")  # what it is: the unrouted model that was saved
+    torch.testing.assert_close(outputs(plain, unet2d_call), outputs(other, unet2d_call), rtol=0, atol=0)
+    copy_ = UNet2DModel.from_pretrained(tmp_path / "a")
+    dtr.wrap_from_config(copy_, copy_.config[KEY])  # by hand, the record of a routed save routes a copy
+    assert_routed_as(copy_, model, routing, unet2d_call)
+
+
+def test_an_edited_record_is_refused_until_sealed_again(tmp_path):
+    model, routing = trained(unet2d, unet2d_call)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config[KEY]["config"]["sharing_ratio"] = 0.9
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="seal does not match"):
+        dtr.from_pretrained(UNet2DModel, tmp_path)
+    config[SEAL] = seal(config[KEY])
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert dtr.routing_of(dtr.from_pretrained(UNet2DModel, tmp_path)).config.sharing_ratio == 0.9
+
+
+def test_a_dtr_0_3_record_still_loads_routed(tmp_path):
+    """dtr 0.3 wrote format 3 (flat, unsealed): read into this version's values."""
+    model, routing = trained(unet2d, unet2d_call)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    c, sp = routing.config.to_dict(), routing.spec.to_dict()
+    flat = {k: c[k] for k in ("sharing_ratio", "alpha", "method", "num_tasks", "seed")}
+    flat.update({k: sp[k] for k in ("blocks", "placement", "io", "timestep_module", "timestep_arg", "timestep_kind")})
+    flat["adapter"] = sp["adapter"]
+    config[KEY] = {"load_with": "...", "format_version": 3, "dtr_version": "0.3.0", "routing": flat}
+    del config[SEAL], config["_use_default_values"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert_routed_as(dtr.from_pretrained(UNet2DModel, tmp_path), model, routing, unet2d_call)
 
 
 def format1_file(routing):
     """The dtr_config.json dtr 0.2 wrote beside the weights for ``routing``."""
-    c = routing.config
+    c, s = routing.config, routing.spec
     return dict(
         format_version=1,
         dtr_version="0.2.0",
-        method=c["method"],
-        sharing_ratio=c["sharing_ratio"],
-        alpha=c["alpha"],
-        num_tasks=c["num_tasks"],
-        seed=c["seed"],
-        blocks=c["blocks"],
-        placement=c["placement"],
+        method=c.method,
+        sharing_ratio=c.sharing_ratio,
+        alpha=c.alpha,
+        num_tasks=c.num_tasks,
+        seed=c.seed,
+        blocks=list(s.blocks),
+        placement=s.placement,
         timestep_module="",
         timestep_arg=[1, "t", "timestep", "timesteps"],
-        timestep_kind=c["timestep_kind"],
-        adapter=c["adapter"],
+        timestep_kind=s.timestep_kind,
+        adapter=s.adapter,
         channel_axis=None,
     )
 
@@ -352,7 +427,8 @@ def test_a_dtr_0_2_folder_loads_routed_with_a_warning_and_a_new_save_replaces_it
         loaded = dtr.from_pretrained(UNet2DModel, tmp_path)
     assert_routed_as(loaded, model, routing, unet2d_call)
     dtr.save_pretrained(loaded, tmp_path)  # upgraded: the routing moves into config.json
-    assert not (tmp_path / "dtr_config.json").exists() and saved_record(tmp_path)["routing"] == routing.config
+    assert not (tmp_path / "dtr_config.json").exists()
+    assert saved_record(tmp_path)["config"] == routing.config.to_dict()
 
 
 def test_a_dtr_0_2_pipeline_loads_routed_from_its_component_file(tmp_path):
@@ -398,30 +474,32 @@ def _drop(path):
     return edit
 
 
-RECORD_CASES = [  # (edit of config.json, the key the error must name)
+RECORD_CASES = [  # (edit of config.json, the key the error must name); the record is sealed again after the edit
     (_set([KEY], [1, 2]), KEY),
     (_drop([KEY, "format_version"]), f"{KEY}.format_version"),
     (_set([KEY, "format_version"], 99), f"{KEY}.format_version"),
-    (_drop([KEY, "routing"]), f"{KEY}.routing"),
-    (_set([KEY, "routing"], "dtr"), f"{KEY}.routing"),
+    (_drop([KEY, "config"]), f"{KEY}.config"),
+    (_set([KEY, "spec"], "dtr"), f"{KEY}.spec"),
     (_set([KEY, "surprise"], 1), f"{KEY}.surprise"),
-    (_drop([KEY, "routing", "blocks"]), f"{KEY}.routing.blocks"),
-    (_set([KEY, "routing", "blocks"], []), f"{KEY}.routing.blocks"),
-    (_set([KEY, "routing", "blocks"], ["no.such.block"]), f"{KEY}.routing.blocks"),
-    (_set([KEY, "routing", "sharing_ratio"], 2.0), f"{KEY}.routing.sharing_ratio"),
-    (_set([KEY, "routing", "sharing_ratio"], "0.8"), f"{KEY}.routing.sharing_ratio"),
-    (_set([KEY, "routing", "alpha"], -1), f"{KEY}.routing.alpha"),
-    (_set([KEY, "routing", "method"], "dtrr"), f"{KEY}.routing.method"),
-    (_set([KEY, "routing", "num_tasks"], 0), f"{KEY}.routing.num_tasks"),
-    (_set([KEY, "routing", "seed"], 1.5), f"{KEY}.routing.seed"),
-    (_set([KEY, "routing", "placement"], "middle"), f"{KEY}.routing.placement"),
-    (_set([KEY, "routing", "timestep_kind"], "sigma"), f"{KEY}.routing.timestep_kind"),
-    (_set([KEY, "routing", "timestep_arg"], [1]), f"{KEY}.routing.timestep_arg"),
-    (_set([KEY, "routing", "timestep_module"], 3), f"{KEY}.routing.timestep_module"),
-    (_set([KEY, "routing", "io"], {"ResnetBlock2D": {"inputs": 0}}), f"{KEY}.routing.io.ResnetBlock2D"),
-    (_set([KEY, "routing", "io"], [1]), f"{KEY}.routing.io"),
-    (_set([KEY, "routing", "channel_axis"], 0), f"{KEY}.routing.channel_axis"),
-    (_set([KEY, "routing", "extra"], 0), f"{KEY}.routing.extra"),
+    (_drop([KEY, "spec", "blocks"]), "'blocks'"),
+    (_set([KEY, "spec", "blocks"], []), "'blocks'"),
+    (_set([KEY, "spec", "blocks"], ["no.such.block"]), "spec.blocks"),
+    (_set([KEY, "config", "sharing_ratio"], 2.0), "'sharing_ratio'"),
+    (_set([KEY, "config", "sharing_ratio"], "0.8"), "'sharing_ratio'"),
+    (_set([KEY, "config", "alpha"], -1), "'alpha'"),
+    (_set([KEY, "config", "method"], "dtrr"), "'method'"),
+    (_set([KEY, "config", "num_tasks"], 0), "'num_tasks'"),
+    (_set([KEY, "config", "seed"], 1.5), "'seed'"),
+    (_set([KEY, "config", "task_axis"], "loglog"), "'task_axis'"),
+    (_set([KEY, "spec", "placement"], "middle"), "'placement'"),
+    (_set([KEY, "spec", "timestep_kind"], "sigma"), "'timestep_kind'"),
+    (_set([KEY, "spec", "timestep_arg"], [1]), "'timestep_arg'"),
+    (_set([KEY, "spec", "timestep_module"], 3), "'timestep_module'"),
+    (_set([KEY, "spec", "io"], {"ResnetBlock2D": {"inputs": 0}}), "'io.ResnetBlock2D'"),
+    (_set([KEY, "spec", "io"], [1]), "'io'"),
+    (_set([KEY, "spec", "io"], {"ResnetBlock2D": {"channel_axis": 0}}), "'channel_axis'"),
+    (_set([KEY, "spec", "extra"], 0), "'extra'"),
+    (_set([KEY, "config", "extra"], 0), "'extra'"),
 ]
 
 
@@ -432,6 +510,7 @@ def test_a_malformed_record_fails_in_one_line_naming_the_file_and_the_key(tmp_pa
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     edit(config)
+    config[SEAL] = seal(config[KEY])  # sealed again: the record itself is what is checked
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises((ValueError, TypeError)) as info:
         dtr.from_pretrained(UNet2DModel, tmp_path)

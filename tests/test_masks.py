@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dtr
-from dtr.masks import timesteps_to_tasks
+from dtr.timesteps import timesteps_to_tasks
 
 
 def paper_starts(T, C, ratio, alpha):

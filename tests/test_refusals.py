@@ -49,10 +49,21 @@ class GroupNormResidual(nn.Module):
         return x + self.conv(self.norm(x))
 
 
+def reference_on_channels(model, x, t):
+    """The formula with each sample's mask on axis 1, all positions (written out on the blocks' own forwards)."""
+    m = dtr.task_masks(T, 16, 0.5)[t].float().view(x.shape[0], 16, *[1] * (x.ndim - 2))
+    h = x
+    for b in model.blocks:
+        h = type(b).forward(b, m * h) + (1 - m) * h
+    return h
+
+
 @pytest.mark.parametrize("block", [ConvResidual, GroupNormResidual])
 @pytest.mark.parametrize("shape", [(2, 16, 12, 12), (2, 16, 16, 16), (2, 16, 4, 4, 4)])
-def test_channels_first_residual_input_is_refused_until_channel_axis_says_where_channels_are(block, shape):
-    """4-d and larger input is never guessed: not when no width is declared, not when the width equals W."""
+@pytest.mark.parametrize("declared", [False, True])
+def test_channels_first_residual_blocks_are_routed_on_the_channels_their_layers_say(block, shape, declared):
+    """Convolutions and group norms say channels first: routed on axis 1 at every position, also when H == W == C
+    (0.3 refused these without channel_axis=1); channel_axis=1 says the same."""
     torch.manual_seed(0)
     model = ConvNet()
     model.blocks = nn.ModuleList([block(), block()])
@@ -60,25 +71,13 @@ def test_channels_first_residual_input_is_refused_until_channel_axis_says_where_
         for b in model.blocks:
             b.conv = nn.Conv3d(16, 16, 3, padding=1)
     x, t = torch.randn(*shape), torch.tensor([0, 999])
-    dtr.wrap(model, blocks=r"blocks\.\d", sharing_ratio=0.5)
-    with pytest.raises(
-        ValueError, match=rf"'blocks.0' takes a {len(shape)}-d input.*channel_axis=1\) for channels first"
-    ):
-        model(x, t)
-    dtr.unwrap(model)
-    plain = [type(b).forward.__get__(b) for b in model.blocks]
-    dtr.wrap(model, blocks=r"blocks\.\d", sharing_ratio=0.5, channel_axis=1)
-    m = dtr.task_masks(T, 16, 0.5)[t].float().view(2, 16, *[1] * (len(shape) - 2))  # per channel, all positions
-    h = x
-    for f in plain:
-        h = f(m * h) + (1 - m) * h
+    dtr.wrap(model, blocks=r"blocks\.\d", sharing_ratio=0.5, **({"channel_axis": 1} if declared else {}))
     with torch.no_grad():
-        torch.testing.assert_close(model(x, t), h, rtol=0, atol=1e-5)
-    assert dtr.routing_of(model).config["io"][block.__name__]["channel_axis"] == 1
+        torch.testing.assert_close(model(x, t), reference_on_channels(model, x, t), rtol=0, atol=1e-5)
 
 
 class TokensFirst(nn.Module):
-    """A 1-d conv residual block on (B, C, L): its declared width is axis 1, not the last axis."""
+    """A 1-d conv residual block on (B, C, L), as diffusers' UNet1DModel's ResConvBlock."""
 
     def __init__(self):
         super().__init__()
@@ -89,14 +88,36 @@ class TokensFirst(nn.Module):
         return x + self.conv(x)
 
 
-def test_a_channels_first_3d_block_that_declares_its_width_is_refused():
+class Layerless(nn.Module):
+    """A residual block whose only layer is a bare weight: nothing says where its channels are."""
+
+    def __init__(self):
+        super().__init__()
+        self.out_channels = 16
+        self.weight = nn.Parameter(torch.randn(16) * 0.3)
+
+    def forward(self, x):
+        return x + torch.tanh(x * self.weight.view(1, 16, *[1] * (x.ndim - 2)))
+
+
+def test_a_channels_first_3d_block_is_routed_on_its_channels_and_a_layerless_one_refused():
+    """Case 4 of issue 24: (B, C, L) blocks were masked along L (3.49 off at scale 3.6)."""
+    torch.manual_seed(0)
     model = ConvNet()
-    model.blocks = nn.ModuleList([TokensFirst()])
-    dtr.wrap(model, blocks=["blocks.0"])
+    model.blocks = nn.ModuleList([TokensFirst(), TokensFirst()])
+    dtr.wrap(model, blocks=r"blocks\.\d", sharing_ratio=0.5)
+    x, t = torch.randn(2, 16, 10), torch.tensor([0, 999])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t), reference_on_channels(model, x, t), rtol=0, atol=1e-5)
+    plain = ConvNet()
+    plain.blocks = nn.ModuleList([Layerless()])
+    dtr.wrap(plain, blocks=["blocks.0"])
     with pytest.raises(
         ValueError, match="the module's width 16 is axis 1: for a channels-first block pass channel_axis=1"
     ):
-        model(torch.randn(2, 16, 10), torch.tensor([0, 999]))
+        plain(torch.randn(2, 16, 10), torch.tensor([0, 999]))
+    with pytest.raises(ValueError, match=r"takes a 4-d input .* none of its layers says .*channel_axis=1"):
+        plain(torch.randn(2, 16, 3, 3), torch.tensor([0, 999]))
 
 
 def test_gate_placement_checks_the_axis_it_masks_against_the_module():

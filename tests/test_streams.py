@@ -173,14 +173,19 @@ def test_a_joined_stream_at_ratio_one_is_the_unrouted_model_and_text_rows_are_th
         assert torch.equal(model(image, text, t), plain)
         dtr.unwrap(model)
         routing = dtr.wrap(model)
-        seen = []
+        seen, inside = [], []
         model.blocks[0].register_forward_hook(lambda mod, args, out: seen.append((args[0], out)))
+        model.blocks[0].norm.register_forward_pre_hook(lambda mod, args: inside.append(args[0]))
         routed = model(image, text, t)
     assert not torch.allclose(routed, plain, atol=1e-3)
-    ((x, _),) = seen  # what the block itself received: text rows untouched, image rows masked
+    ((x, out),) = seen  # the block's hook: the stream as the model passed it, and as it passes it on
+    (inner,) = inside  # what the block's own layers receive: text rows untouched, image rows masked
     h = torch.cat([text, image], 1) + model.t_embed(t)[:, None]
-    assert torch.equal(x[:, :5], h[:, :5])
-    torch.testing.assert_close(x[:, 5:], window(t)[:, None, :] * h[:, 5:])
+    m = torch.cat([torch.ones(2, 5, C), window(t)[:, None, :].expand(2, 4, C)], 1)
+    assert torch.equal(x, h) and torch.equal(inner[:, :5], h[:, :5])
+    torch.testing.assert_close(inner[:, 5:], window(t)[:, None, :] * h[:, 5:])
+    with torch.no_grad():
+        torch.testing.assert_close(out, Block.forward(model.blocks[0], m * h) + (1 - m) * h)
     assert "joined [text; image] (image tokens routed, valid tokens 'mask')" in routing.summary()
     assert "image tokens of joined streams: counted from argument 'image'" in routing.summary()
 

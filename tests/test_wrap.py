@@ -79,7 +79,7 @@ def test_final_layer_not_routed_and_routing_summary():
     text = routing.summary()
     assert "3 residual modules" in text and "width 32: 25 active channels" in text
     assert "timestep: argument 't' at position 1 of DiT.forward (index)" in text
-    assert routing.routing_config == dtr.RoutingConfig(0.8, 4.0, "dtr", 1000, 0)
+    assert routing.config == dtr.RoutingConfig(0.8, 4.0, "dtr", 1000, 0, "linear")
 
 
 def test_remove_and_unwrap_restore_exactly():
@@ -163,7 +163,7 @@ def test_deepcopy_routes_by_its_own_inputs():
     routing = dtr.wrap(model, sharing_ratio=0.5, alpha=2.0)
     ema = copy.deepcopy(model)
     assert dtr.routing_of(ema) is not routing and dtr.routing_of(ema).model is ema
-    assert dtr.routing_of(ema).routing_config == routing.routing_config
+    assert dtr.routing_of(ema).config == routing.config
     x, t, y = inputs()
     t2 = torch.tensor([999, 0, 10, 600, 601, 5])
     with torch.no_grad():
@@ -180,17 +180,28 @@ def test_deepcopy_routes_by_its_own_inputs():
 
 
 def test_a_block_copied_on_its_own_is_a_plain_block_and_copies_only_itself():
+    """Routing belongs to the model's wrap: a block copied without its model computes as the plain block (its leftover
+    routing no model owns), dtr.routing_of says it is not routed, and a model holding it can be wrapped."""
     model = tiny_dit()
     dtr.wrap(model)
     block = copy.deepcopy(model.blocks[1])
-    assert untouched(block) and type(block) is type(model.blocks[1]).__mro__[1]
+    assert type(block) is type(model.blocks[1]) and dtr.routing_of(block) is None
     h, c = torch.randn(2, 16, 32), torch.randn(2, 32)
     with torch.no_grad():
         torch.testing.assert_close(block(h, c), type(block).forward(model.blocks[1], h, c), rtol=0, atol=0)
     block_bytes = sum(p.numel() for p in block.parameters())
     assert block_bytes == sum(p.numel() for p in model.blocks[1].parameters())  # not the whole model
     copied_list = copy.deepcopy(model.blocks)
-    assert all(untouched(b) for b in copied_list)
+    other = tiny_dit(seed=3)
+    other.blocks = copied_list
+    dtr.wrap(other)  # the leftovers are replaced by this model's routing
+    x, t, y = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            other(x, t, y), reference_forward(other, x, t, y, dtr_masks(other)), rtol=0, atol=1e-6
+        )
+    dtr.unwrap(other)
+    assert untouched(other)
 
 
 def test_state_dict_round_trip_and_no_added_state():
@@ -227,7 +238,7 @@ def test_whole_model_pickles_with_torch_save(tmp_path):
             rtol=0,
             atol=1e-6,
         )
-    assert dtr.routing_of(loaded).routing_config == dtr.RoutingConfig(0.5, 1.5, "dtr", 800, 0)
+    assert dtr.routing_of(loaded).config == dtr.RoutingConfig(0.5, 1.5, "dtr", 800, 0)
 
 
 # -- dtypes, autocast, checkpointing (torch.compile: test_compile.py; every other system: test_composition.py) -------
@@ -521,21 +532,21 @@ def test_per_token_timesteps_route_each_token_by_its_own_task():
 
 @pytest.mark.parametrize("method", ["dtr", "random"])
 def test_wrap_from_config_reproduces_every_number_of_the_routing(method):
-    """Routing.config carries sharing_ratio, alpha, method, num_tasks and seed: a copy routed from it routes the
+    """Routing.to_dict() carries sharing_ratio, alpha, method, num_tasks and seed: a copy routed from it routes the
     same, and each number matters (the same config with the default num_tasks routes differently)."""
     model = tiny_dit()
     routing = dtr.wrap(model, sharing_ratio=0.5, alpha=1.5, method=method, num_tasks=50, seed=3)
     x, _, y = inputs()
     t = torch.tensor([0, 49, 25, 3, 10, 48])
     copy_ = tiny_dit()
-    again = dtr.wrap_from_config(copy_, routing.config)
-    assert again.routing_config == dtr.RoutingConfig(0.5, 1.5, method, 50, 3)
+    again = dtr.wrap_from_config(copy_, routing.to_dict())
+    assert again.config == dtr.RoutingConfig(0.5, 1.5, method, 50, 3)
     with torch.no_grad():
         want = model(x, t, y)
         torch.testing.assert_close(copy_(x, t, y), want, rtol=0, atol=0)
         dtr.unwrap(copy_)
         other = {"num_tasks": 1000} if method == "dtr" else {"seed": 4}  # R-TR draws by (seed, block, task), not T
-        dtr.wrap_from_config(copy_, {**routing.config, **other})
+        dtr.wrap_from_config(copy_, {"config": {**routing.config.to_dict(), **other}, "spec": routing.spec.to_dict()})
         assert not torch.allclose(copy_(x, t, y), want, atol=1e-3)
 
 

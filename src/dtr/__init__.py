@@ -8,11 +8,12 @@ routing.remove()                               # or dtr.unwrap(model)
 from ._version import __version__
 from .adapters import register_adapter
 from .api import routing_of, unwrap, wrap, wrap_with
-from .masks import active_channels, task_masks, timesteps_to_tasks, window_starts
+from .masks import active_channels, task_masks, window_starts
 from .paper import convert_paper_state_dict
 from .pretrained import from_pretrained, save_pretrained, wrap_from_config
 from .routing import Routing
 from .spec import BlockIO, ImageTokens, RoutingConfig, RoutingSpec
+from .timesteps import timesteps_to_tasks
 
 __all__ = [
     "__version__",

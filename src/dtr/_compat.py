@@ -1,4 +1,4 @@
-"""The few PyTorch APIs dtr uses that moved or appeared after the oldest torch it supports, in one place."""
+"""The few PyTorch APIs dtr uses that need care across the versions it supports (torch >= 2.8), in one place."""
 
 from __future__ import annotations
 
@@ -6,11 +6,6 @@ import sys
 
 import torch
 import torch.compiler
-
-try:  # torch >= 2.3
-    from torch.compiler import is_compiling
-except ImportError:  # torch 2.1-2.2
-    from torch._dynamo import is_compiling  # type: ignore[no-redef]
 
 
 def assume_constant_result(fn):
@@ -25,4 +20,4 @@ def assume_constant_result(fn):
     return fn
 
 
-__all__ = ["assume_constant_result", "is_compiling"]
+__all__ = ["assume_constant_result"]

@@ -9,7 +9,7 @@ from torch import nn
 
 from .adapters import find_adapter
 from .masks import resolve_seed
-from .mechanism import behaviour_of
+from .mechanism import attached, behaviour_of, detach_all
 from .routing import Routing, select_modules
 from .spec import PLACEMENTS, TIMESTEP_KINDS, BlockIO, RoutingConfig, RoutingSpec
 from .validation import check_channel_axis, check_choice
@@ -32,6 +32,7 @@ def wrap(
     method: str = "dtr",
     num_tasks: int = 1000,
     seed: int | None = 0,
+    task_axis: str = "linear",
     blocks: str | Iterable[str] | Callable | None = None,
     placement: str | None = None,
     block_io: BlockIO | Mapping[str, BlockIO] | None = None,
@@ -44,9 +45,11 @@ def wrap(
 
     With no other argument the adapter for the model's family chooses the modules, their streams and the
     timestep location; ``blocks``/``placement``/``block_io``/``timestep_*`` override it or route any model.
-    ``channel_axis`` is the axis the mask acts on (default: last for residual blocks, 1 for gates).
+    ``channel_axis`` is the axis the mask acts on (default: read from the block's layers, else last for residual
+    blocks and 1 for gates).  ``task_axis="logsnr"`` routes a flow model's noise level s to the DDPM task of equal
+    log-SNR instead of linearly (see ``dtr.timesteps_to_tasks``).
     """
-    config = RoutingConfig(sharing_ratio, alpha, method, num_tasks, resolve_seed(seed))
+    config = RoutingConfig(sharing_ratio, alpha, method, num_tasks, resolve_seed(seed), task_axis)
     return wrap_with(
         model,
         config,
@@ -60,15 +63,18 @@ def wrap(
     )
 
 
-def wrap_with(model: nn.Module, config: RoutingConfig, **where) -> Routing:
-    """``dtr.wrap`` with the numbers given as one ``RoutingConfig`` (the recipe and ``wrap_from_config`` use it)."""
+def wrap_with(model: nn.Module, config: RoutingConfig, spec: RoutingSpec | None = None, **where) -> Routing:
+    """``dtr.wrap`` with the numbers given as one ``RoutingConfig`` (the recipe and ``wrap_from_config`` use it), and
+    where routing acts either as a whole ``RoutingSpec`` (a saved routing) or as ``dtr.wrap``'s keyword arguments."""
     if not isinstance(config, RoutingConfig):
         raise TypeError(f"config must be a dtr.RoutingConfig, got {type(config).__name__}")
     model = _check_model(model)
-    spec = resolve_spec(model, **where)
-    modules = dict(model.named_modules())
-    if spec.timestep_module and spec.timestep_module not in modules:
-        raise ValueError(f"timestep_module {spec.timestep_module!r} is not a module of {type(model).__name__}")
+    if spec is None:
+        spec = resolve_spec(model, **where)
+    elif where:
+        raise TypeError(f"wrap_with takes a RoutingSpec or keyword arguments saying where to route, not both: {where}")
+    else:
+        spec = check_spec(model, spec)
     return Routing(model, spec, config)
 
 
@@ -104,10 +110,17 @@ def resolve_spec(
         adapter = "custom" if spec.adapter == "custom" else f"{spec.adapter}, custom blocks"
         spec = dataclasses.replace(spec, blocks=select_modules(model, blocks), adapter=adapter)
     modules = dict(model.named_modules())
-    missing = [b for b in spec.blocks if b not in modules]
-    if missing:
-        raise ValueError(f"blocks names not found in {type(model).__name__}: {missing}")
+    _check_blocks(model, spec, modules)
     spec = dataclasses.replace(spec, io=_block_io(spec, [modules[b] for b in spec.blocks], block_io, channel_axis))
+    return check_spec(model, spec)
+
+
+def check_spec(model: nn.Module, spec: RoutingSpec) -> RoutingSpec:
+    """``spec`` checked against ``model``: its modules exist, there is at least one, the timestep's meaning is known."""
+    modules = dict(model.named_modules())
+    _check_blocks(model, spec, modules)
+    if spec.timestep_module and spec.timestep_module not in modules:
+        raise ValueError(f"timestep_module {spec.timestep_module!r} is not a module of {type(model).__name__}")
     if spec.timestep_kind is None:
         raise ValueError(
             f"dtr.wrap cannot tell what this {type(model).__name__}'s timestep means"
@@ -115,6 +128,17 @@ def resolve_spec(
             + f": pass timestep_kind= (one of {', '.join(map(repr, TIMESTEP_KINDS))}) and, for indices, num_tasks="
         )
     return spec
+
+
+def _check_blocks(model: nn.Module, spec: RoutingSpec, modules: dict) -> None:
+    if not spec.blocks:
+        raise ValueError(
+            f"dtr.wrap found no module to route in this {type(model).__name__} ({spec.adapter} adapter): routing "
+            f"nothing would change nothing; {_HOW_TO}"
+        )
+    missing = [b for b in spec.blocks if b not in modules]
+    if missing:
+        raise ValueError(f"blocks names not found in {type(model).__name__}: {missing}")
 
 
 def _block_io(spec: RoutingSpec, blocks: list[nn.Module], block_io, channel_axis: int | None) -> dict:
@@ -136,18 +160,35 @@ def _block_io(spec: RoutingSpec, blocks: list[nn.Module], block_io, channel_axis
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """Remove the routing ``wrap`` added to ``model`` (or to the module it wraps); returns ``model``."""
+    """Remove the routing ``wrap`` added to ``model`` (or to the module it wraps); returns ``model``.
+
+    A module that only carries the routing of a model it was saved or copied without (``torch.save`` of one block)
+    runs as a plain module already: unwrapping it takes that leftover away.
+    """
+    inner = inner_model(model)
+    behaviour = behaviour_of(inner)
+    if behaviour is not None and not behaviour.live:
+        detach_all([m for m in inner.modules() if behaviour_of(m) is not None and not behaviour_of(m).live])
+        return model
     routing = routing_of(model)
     if routing is None:
         raise ValueError(f"{type(model).__name__} is not routed by dtr (nothing to unwrap)")
+    if routing.model is not inner:
+        raise ValueError(
+            f"this {type(inner).__name__} is a shallow copy (copy.copy) of a routed model and shares its modules "
+            "with it: routing belongs to the model dtr.wrap routed. Unwrap that one (which unroutes the copy too), or "
+            "make an independent routed copy with copy.deepcopy"
+        )
     routing.remove()
     return model
 
 
 def routing_of(model: nn.Module) -> Routing | None:
     """The Routing handle of a wrapped model (also of its deepcopy, its DDP wrapper or its compiled module), or None."""
-    entry = behaviour_of(inner_model(model))
-    return getattr(entry, "routing", None)
+    inner = inner_model(model)
+    if not attached(inner):
+        return None
+    return getattr(behaviour_of(inner), "routing", None)
 
 
 def inner_model(model: nn.Module) -> nn.Module:
@@ -183,7 +224,7 @@ def _check_model(model: nn.Module) -> nn.Module:
         )
     model = inner_model(model)
     for name, sub in model.named_modules():
-        if behaviour_of(sub) is not None:
+        if attached(sub):
             where = "this model" if not name else f"its submodule {name!r}"
             raise ValueError(f"{where} is already routed by dtr; call dtr.unwrap(...) before wrapping again")
     return model

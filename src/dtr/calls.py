@@ -10,8 +10,8 @@ runs under ``torch.compile`` with no graph break.
 Activation checkpointing recomputes a region after its call has ended (in the backward pass, possibly on
 autograd's own thread).  ``Replay`` remembers the tasks of each checkpoint *region* (the frame
 ``torch.utils.checkpoint`` keeps for it) while it records, and finds them again while that same region is
-recomputed.  Nothing depends on which tensors enter the region, so casts (FSDP2 mixed precision), hooks
-that return new tensors, regions around several blocks and one tensor fed to two calls all replay exactly.
+recomputed.  A model call opened *inside* a region being recomputed reads its own timesteps again, so a region
+around several model calls (CFG-style, consistency training, self-conditioning) replays each call exactly.
 """
 
 from __future__ import annotations
@@ -22,49 +22,52 @@ import weakref
 import torch
 from torch.utils.checkpoint import _CheckpointFrame  # the record torch keeps per checkpointed region
 
-from ._compat import is_compiling
-
 
 class Call:
     """The routing state of one model call: its task indices and, in eager mode, the masks built from them."""
 
-    __slots__ = ("outer", "tasks", "masks", "owner", "entered", "captured", "image_tokens")
+    __slots__ = ("tasks", "masks", "owner", "captured", "image_tokens", "region")
 
-    def __init__(self, outer: Call | None, tasks: torch.Tensor | None = None, owner: object = None):
-        self.outer = outer  # the call this one runs inside (same thread), or None
+    def __init__(self, tasks: torch.Tensor | None = None, owner: object = None):
         self.tasks = tasks  # (B,), (B, N) or 0-d long task indices; None until the timestep is read
         self.masks: dict = {}  # (width, dtype, device, block) -> (mask, 1 - mask), built once per call
-        self.owner = owner  # the model whose call this is (None: a checkpoint recomputation)
-        self.entered = False  # the owner's forward has started (a direct forward() call is a call of its own)
+        self.owner = owner  # the model whose call this is (None: a replayed checkpoint recomputation)
         self.captured = False  # the timestep module has given the tasks
         self.image_tokens: int | None = None  # image tokens of this call, for joined streams (BlockIO.joined)
+        self.region: _CheckpointFrame | None = None  # the checkpoint region being recomputed when it was opened
 
 
 class CallStack:
-    """The calls in progress, per thread, innermost first (a linked list through ``Call.outer``)."""
+    """The calls in progress, per thread (``local.call``, the innermost): ``push`` remembers nothing, callers keep the
+    call that was current before and ``restore`` it in a ``finally`` (routed modules read ``local`` directly: it is
+    their hot path)."""
 
     def __init__(self) -> None:
-        self._local = threading.local()
+        self.local = threading.local()
 
     def current(self) -> Call | None:
-        return getattr(self._local, "call", None)
+        return getattr(self.local, "call", None)
 
-    def push(self, tasks: torch.Tensor | None = None, owner: object = None, entered: bool = False) -> Call:
-        call = Call(self.current(), tasks, owner)
-        call.entered = entered
-        self._local.call = call
+    def push(self, tasks: torch.Tensor | None = None, owner: object = None) -> Call:
+        call = Call(tasks, owner)
+        self.local.call = call
         return call
 
     def restore(self, outer: Call | None) -> None:
         """End every call pushed since ``outer`` was current (callers read ``outer`` before they push, so that an
-        interrupt anywhere, even inside ``push``, leaves no call behind)."""
-        self._local.call = outer
+        interrupt anywhere before the ``finally`` leaves no call behind)."""
+        self.local.call = outer
 
     def __getstate__(self) -> dict:  # copies (deepcopy, pickle) never carry a call in progress
         return {}
 
     def __setstate__(self, state: dict) -> None:
-        self._local = threading.local()
+        self.local = threading.local()
+
+
+#################################################################################
+#                           Activation checkpointing                            #
+#################################################################################
 
 
 def checkpoint_region() -> tuple[_CheckpointFrame | None, bool]:
@@ -102,28 +105,17 @@ def _frame_in(fn: object, depth: int) -> tuple[_CheckpointFrame | None, bool]:
 
 
 class Replay:
-    """Tasks by checkpoint region, kept while autograd may recompute the region."""
+    """The tasks (and image token count) of the call each checkpoint region ran in, kept while autograd may
+    recompute the region."""
 
     def __init__(self) -> None:
         self._saved: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-    def tasks(self, current: tuple | None) -> tuple[tuple | None, bool]:
-        """What a routed module must use (the tasks and image token count of a call), and whether it comes from a
-        recomputed region.
+    def record(self, region: _CheckpointFrame, call: Call) -> None:
+        self._saved[region] = (call.tasks, call.image_tokens)
 
-        Outside checkpointing: ``current`` (the call in progress).  Recording a region: ``current``, remembered
-        for the region.  Recomputing a region: what it remembered, whatever call is in progress now.
-        """
-        if not torch.is_grad_enabled() or is_compiling():  # only eager autograd recomputes; graphs do it themselves
-            return current, False
-        frame, recomputing = checkpoint_region()
-        if frame is None:
-            return current, False
-        if recomputing:
-            return self._saved.get(frame), True
-        if current is not None:
-            self._saved[frame] = current
-        return current, False
+    def recorded(self, region: _CheckpointFrame) -> tuple | None:
+        return self._saved.get(region)
 
     def __getstate__(self) -> dict:
         return {}

@@ -1,4 +1,4 @@
-"""Task masks: which channels each denoising task activates, and the timestep -> task map.
+"""Task masks: which channels each denoising task activates.
 
 DTR (Park et al., ICLR 2024) gives task t the contiguous window ``[start[t], start[t] + C_b)`` of
 ``C_b = int(C * sharing_ratio)`` channels, with ``start[t] = round((t / (T-1)) ** alpha * (C - C_b))``.
@@ -10,12 +10,10 @@ rows of the tasks in a batch, with the same functions.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 import torch
 
-from ._compat import assume_constant_result, is_compiling
 from .spec import METHODS
 from .validation import check_alpha, check_choice, check_int, check_seed, check_sharing_ratio
 
@@ -55,12 +53,6 @@ def window_starts(num_tasks: int, channels: int, sharing_ratio: float = 0.8, alp
     c_b = active_channels(channels, sharing_ratio)
     alpha = check_alpha(alpha)
     return np.round(np.linspace(0, 1, num_tasks) ** alpha * (channels - c_b)).astype(np.int64)
-
-
-@assume_constant_result
-def window_starts_tuple(num_tasks: int, channels: int, sharing_ratio: float, alpha: float) -> tuple:
-    """``window_starts`` as a tuple of ints: under torch.compile it runs once at trace time and is a constant."""
-    return tuple(window_starts(num_tasks, channels, sharing_ratio, alpha).tolist())
 
 
 def window_rows(starts: torch.Tensor, channels: int, c_b: int) -> torch.Tensor:
@@ -140,79 +132,3 @@ def resolve_seed(seed: int | None) -> int:
     if seed is None:
         return int(torch.randint(0, 2**31 - 1, ()).item())
     return check_seed(seed)
-
-
-#################################################################################
-#                               Timestep -> task                                #
-#################################################################################
-
-
-# Floats a scheduler's rounding puts just outside the range (Sana-Sprint's first sigma is 1.0000037) count as its
-# end: a relative slack this small never moves a timestep by a task.
-FLOAT_SLACK = 1e-4
-
-
-def timesteps_to_tasks(t: Any, num_tasks: int, kind: str = "index") -> torch.Tensor:
-    """Map the timesteps a model receives to task indices in [0, T), checking the range.
-
-    ``"index"``: DDPM timesteps, ints or floats in [0, T] (floats from Euler/Karras schedulers and sigma*1000
-    are rounded to the nearest task; flow matching's ``T`` itself is task T-1); ``"index_reversed"``: floats
-    or ints in [0, T] with T = data (Mochi's (1 - sigma) * 1000).
-    ``"unit"``: continuous t in [0, 1], 0 = data (flow matching's sigma); ``"unit_reversed"``: 1 = data (SiT,
-    Lumina's 1 - sigma).  Floats within ``FLOAT_SLACK`` of the range count as its end.
-    Accepts a scalar, one timestep per sample (B,), or one per token (B, N); returns long task indices of
-    the same shape.
-    """
-    if isinstance(t, (bool, np.bool_)) or not isinstance(t, (torch.Tensor, int, float, np.integer, np.floating)):
-        raise TypeError(f"timestep must be a tensor, an int or a float, got {type(t).__name__}")
-    t = torch.as_tensor(t)
-    if t.ndim > 2:
-        raise ValueError(
-            f"timesteps must be a scalar, one per sample (batch,) or one per token (batch, tokens), "
-            f"got shape {tuple(t.shape)}"
-        )
-    if t.dtype.is_complex or t.dtype == torch.bool:
-        raise TypeError(f"timesteps must be integer or floating point, got {t.dtype}")
-    if not t.dtype.is_floating_point:
-        t = t.long()  # uint8/int16 timesteps: compare and index in int64, where T fits
-    unit = kind in ("unit", "unit_reversed")
-    hi = 1 if unit else num_tasks
-    _check_range(t, hi, kind)
-    if t.dtype.is_floating_point:
-        t = t.clamp(0, hi)  # only the slack moves
-    if kind == "index":
-        if t.dtype.is_floating_point:
-            return torch.round(t).long().clamp_(max=num_tasks - 1)  # only t in (T - 0.5, T] moves: it is task T-1
-        return t
-    if kind == "index_reversed":  # T - t is an "index" timestep
-        return torch.round(num_tasks - t).long().clamp_(max=num_tasks - 1)
-    u = t.double() if t.device.type != "mps" else t.float()
-    if kind == "unit_reversed":
-        u = 1.0 - u
-    return torch.round(u * (num_tasks - 1)).long()
-
-
-def _check_range(t: torch.Tensor, hi: float, kind: str) -> None:
-    """Fail on timesteps outside [0, hi] (integer DDPM indices: [0, hi)); asynchronously on accelerators.
-
-    On CUDA the check is a device-side assert (no host sync on the hot path): it fails the next
-    synchronising call and ends the CUDA context, as any device assert does.
-    """
-    if kind == "index" and not t.dtype.is_floating_point:
-        ok = (t >= 0) & (t < hi)
-        allowed = f"[0, {hi}) (integer DDPM timesteps)"
-    elif not t.dtype.is_floating_point:
-        ok = (t >= 0) & (t <= hi)
-        allowed = f"[0, {hi}] (timestep_kind={kind!r})"
-    else:
-        slack = FLOAT_SLACK * hi
-        ok = (t >= -slack) & (t <= hi + slack)  # NaN fails too
-        allowed = f"[0, {hi}]" + (" (float DDPM timesteps)" if kind == "index" else f" (timestep_kind={kind!r})")
-    if is_compiling() or t.device.type not in ("cpu", "meta"):
-        torch._assert_async(ok.all(), f"dtr: timesteps outside {allowed}")
-    elif t.device.type == "cpu" and not bool(ok.all()):
-        bad = t[~ok].flatten()[:5].tolist()
-        hint = ""
-        if kind == "index" and any(v >= hi for v in bad):
-            hint = "; a schedule with more training steps needs dtr.wrap(..., num_tasks=<its num_train_timesteps>)"
-        raise ValueError(f"timesteps must be in {allowed}; got {bad}{hint}")

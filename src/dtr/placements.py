@@ -5,23 +5,24 @@
 - ``Gate``: a module's output is multiplied by the mask, ``m * module(x)`` (a norm before a zero-initialised
   layer, the paper's U-Net placement).
 
-Each behaviour wraps the module's whole call (``mechanism.py``), so ``block`` in the formulas is the module as
-its caller sees it: with its hooks, casts and patches.  ``BlockIO`` (``spec.py``) says which argument and which
-output element carry the routed stream.
+Each behaviour runs in the module's ``forward`` (``mechanism.py``): hooks on the module see the input the model
+passed and the output the model passes on (``block(m * x) + (1 - m) * x``); what the module's forward runs, its
+children and their hooks, sees the masked input.  ``BlockIO`` (``spec.py``) says which argument and which output
+element carry the routed stream.
 """
 
 from __future__ import annotations
 
-import inspect
 import threading
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules import module as _hooks  # the global hook dicts nn.Module._call_impl reads
 
-from ._compat import is_compiling
+from . import policy
+from .arguments import Argument, locate, replaced
+from .mechanism import Behaviour
 from .runtime import Runtime
 from .spec import BlockIO
 
@@ -36,7 +37,7 @@ class _RouteIn(torch.autograd.Function):
     Both paths of x meet here in the backward, so their gradients combine in one pass:
     g_x = m * g_z + (1 - m) * g_y = lerp(g_y, g_z, m), exact for a 0/1 mask (lerp's two-branch formula
     returns its end points exactly).  Unfused, autograd spends three passes and an accumulation.
-    ``jvp`` serves forward-mode AD; under torch.func transforms ``_Transformable`` runs instead.
+    ``jvp`` serves forward-mode AD; under torch.func transforms ``_TransformableIn`` runs instead.
     """
 
     @staticmethod
@@ -84,8 +85,7 @@ class _RouteOut(torch.autograd.Function):
 
 
 # torch.func (grad, vjp, jvp, vmap, jacrev) runs only Functions whose forward takes no ctx (and, for vmap, a rule),
-# and such Functions cost about 4x more per call in plain autograd: the fast classes above run unless a
-# transform is active.
+# and such Functions cost about 4x more per call in plain autograd: policy.RESIDUAL_OPS picks them only then.
 class _TransformableIn(_RouteIn):
     generate_vmap_rule = True
 
@@ -110,10 +110,7 @@ class _TransformableOut(_RouteOut):
         ctx.inactive = inputs[2]
 
 
-def _fused() -> tuple[type, type]:
-    if torch._C._are_functorch_transforms_active():
-        return _TransformableIn, _TransformableOut
-    return _RouteIn, _RouteOut
+_FUNCTIONS = {policy.FUSED: (_RouteIn, _RouteOut), policy.TRANSFORMABLE: (_TransformableIn, _TransformableOut)}
 
 
 #################################################################################
@@ -121,42 +118,37 @@ def _fused() -> tuple[type, type]:
 #################################################################################
 
 
-class _Placement:
-    """What both placements share: the routed module's name, its R-TR index, its declared stream and width."""
-
-    intercepts_forward = False
+class _Placement(Behaviour):
+    """What both placements share: the routed module's name, its R-TR index, its declared stream and layout."""
 
     def __init__(self, runtime: Runtime, name: str, index: int, io: BlockIO, module: nn.Module):
         self.runtime = runtime
         self.name = name
         self.index = index  # the block's own draw for method="random"
         self.io = io
-        self.input_name, self.input_position = _locate(type(module).forward, io.input)
-        self.valid = None if io.valid is None else _locate(type(module).forward, io.valid)
+        owner = f"{type(module).__name__}.forward"
+        self.input = locate(type(module).forward, io.input, owner, "stream")
+        self.valid = None if io.valid is None else locate(type(module).forward, io.valid, owner, "valid-token")
         self.width = declared_width(module)
+        self.layout = channel_layout(module)  # "first" | "last" | None, read from the module's layers
+        self.batch_axis = 1 if getattr(module, "batch_first", None) is False else 0  # (N, B, C) sequence-first
 
-    def copies_with(self, memo: dict) -> bool:
-        """A block keeps its routing in a copy of the whole model; copied on its own it is a plain module."""
-        return id(self.runtime) in memo
+    @property
+    def live(self) -> bool:
+        return self.runtime.owned
 
-    def call(self, module: nn.Module, call_impl: Callable, args: tuple, kwargs: dict, compiled=None) -> Any:
-        calls = self.runtime.calls
-        outer = calls.current()
+    def forward(self, module: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        runtime = self.runtime
+        if not runtime.owned:  # saved or copied without its model: the plain module
+            return forward(*args, **kwargs)
+        mode = policy.mode()
+        local = runtime.calls.local
+        outer = getattr(local, "call", None)
         try:  # in a checkpoint recomputation call_for pushes a call with the tasks the region recorded
-            call = self.runtime.call_for(self.name, outer)
-            if call is None:  # recomputing a region opened inside this module's own call: what ran there
-                return call_impl(module, *args, **kwargs)
-            if compiled is not None:  # the compiled code routes, reading the call found here
-                return compiled(*args, **kwargs)
-            return self.route(module, call_impl, call, args, kwargs)
+            return self.route(forward, runtime.call_for(self.name, outer, mode), mode, args, kwargs)
         finally:
-            if calls.current() is not outer:
-                calls.restore(outer)
-
-    def call_compiled(self, module: nn.Module, compiled: Callable, call_impl: Callable, args: tuple, kwargs: dict):
-        """A call of a block compiled on its own (``block.compile()``): its call is found eagerly, where an eager
-        checkpoint region around the block can be seen (recorded, or replayed while it is recomputed)."""
-        return self.call(module, call_impl, args, kwargs, compiled)
+            if getattr(local, "call", None) is not outer:  # only a replayed recomputation pushes (no write compiling)
+                local.call = outer
 
     def stream(self, output: Any) -> torch.Tensor:
         """The routed stream in a module's output (``BlockIO.output``)."""
@@ -183,6 +175,24 @@ class _Placement:
         items[self.io.output] = value
         return tuple(items) if isinstance(output, tuple) else items
 
+    def channel_axis(self, x: torch.Tensor, default: int | None) -> int:
+        """The axis of ``x`` the mask acts on: declared (``channel_axis=``), else read from the module's layers,
+        else ``default``; refused, naming ``channel_axis=``, where neither says and the layout is ambiguous."""
+        axis = self.io.channel_axis
+        if axis is not None:
+            return _check_axis(axis, x, self.name)
+        if self.layout == "first" and x.ndim >= 3:
+            return 1
+        if self.layout == "last" or x.ndim == 2:
+            return x.ndim - 1
+        if default is not None:
+            return default
+        raise ValueError(
+            f"dtr: routed module {self.name!r} takes a {x.ndim}-d input {tuple(x.shape)} and none of its layers says "
+            "which axis holds its channels: pass dtr.wrap(..., channel_axis=1) for channels first (B, C, ...) or "
+            "channel_axis=-1 for channels last"
+        )
+
 
 class Residual(_Placement):
     """``block(m * x) + (1 - m) * x``, each sample (or token) masked by its own task."""
@@ -192,29 +202,65 @@ class Residual(_Placement):
         child = getattr(module, io.source, None) if io.source else None
         self.source = Source(self, f"{name}.{io.source}") if isinstance(child, nn.Module) else None
 
-    def route(self, module, call_impl, call, args, kwargs):
+    def route(self, forward: Callable, call, mode: str, args: tuple, kwargs: dict) -> Any:
         if self.source is not None:
-            return self.route_source(module, call_impl, args, kwargs)
+            return self.route_source(forward, mode, args, kwargs)
         x, where = self.find_input(args, kwargs)
-        axis = self.channel_axis(x)
+        axis = self.residual_axis(x)
         if self.io.joined and call.tasks.ndim == 2:
             raise ValueError(
                 f"dtr: per-token timesteps {tuple(call.tasks.shape)} cannot route {self.name!r}, whose stream joins "
                 "text and image tokens: pass one timestep per sample"
             )
-        m, inactive = self.runtime.masks(call, x, axis, self.index, self.name)
+        m, inactive = self.runtime.masks(call, x, axis, self.index, self.name, self.batch_axis, mode)
         if self.io.joined:
             m, inactive = self.image_rows(call, x, m, inactive, args, kwargs)
-        if is_compiling():  # inductor fuses the mask into neighbouring kernels and derives the backward itself
-            output = _call_with_input(call_impl, module, [x * m], where, args, kwargs)
-            return self.with_stream(output, torch.addcmul(self._same_shape(x, output), x, inactive))
-        if torch.is_grad_enabled():
-            route_in, route_out = _fused()
+        ops = policy.RESIDUAL_OPS[mode]
+        if ops == policy.PLAIN:  # no autograd graph to build, or inductor fuses and differentiates it
+            box, x_res = [x * m], x
+        else:
+            route_in = _FUNCTIONS[ops][0]
             z, x_res = route_in.apply(x, m)
-            output = _call_with_input(call_impl, module, [z], where, args, kwargs)
-            return self.with_stream(output, route_out.apply(self._same_shape(x, output), x_res, inactive))
-        output = _call_with_input(call_impl, module, [x * m], where, args, kwargs)  # no_grad: no autograd graph
-        return self.with_stream(output, torch.addcmul(self._same_shape(x, output), x, inactive))
+            box = [z]
+        if where == 0 and not kwargs and mode in policy.EAGER and len(args) <= 3:
+            # a plain positional call hands the masked input over without keeping a reference: a block that rebinds
+            # its input (x = x + ..., as DiT's does) frees it early, so under no_grad it costs no peak memory
+            if len(args) == 1:
+                output = forward(box.pop())
+            elif len(args) == 2:
+                output = forward(box.pop(), args[1])
+            else:
+                output = forward(box.pop(), args[1], args[2])
+        else:
+            args, kwargs = replaced(args, kwargs, where, box.pop())
+            output = forward(*args, **kwargs)
+        out = output if self.io.output is None and output.__class__ is torch.Tensor else self.stream(output)
+        if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+            self._shape_error(x, out)
+        if ops == policy.PLAIN:
+            return self.with_stream(output, torch.addcmul(out, x_res, inactive))
+        return self.with_stream(output, _FUNCTIONS[ops][1].apply(out, x_res, inactive))
+
+    def residual_axis(self, x: torch.Tensor) -> int:
+        """The channel axis of the stream: declared, else read from the module's layers, else the last axis of
+        tokens (B, N, C) and (B, C), checked against the module's width; 4-d and larger inputs are never guessed."""
+        if self.layout == "last" and self.io.channel_axis is None:
+            return x.ndim - 1
+        axis = self.channel_axis(x, default=x.ndim - 1 if x.ndim <= 3 else None)
+        if (
+            self.io.channel_axis is None
+            and self.layout is None
+            and x.ndim == 3
+            and self.width is not None
+            and x.shape[-1] != self.width
+            and x.shape[1] == self.width
+        ):
+            raise ValueError(
+                f"dtr: residual placement masks the last axis of {self.name!r}'s input {tuple(x.shape)}, of size "
+                f"{x.shape[-1]}, but the module's width {self.width} is axis 1: for a channels-first block pass "
+                "channel_axis=1 to dtr.wrap (or channel_axis=-1 if the last axis is the right one)"
+            )
+        return axis
 
     def image_rows(self, call, x: torch.Tensor, m: torch.Tensor, inactive: torch.Tensor, args: tuple, kwargs: dict):
         """(mask, 1 - mask) for a joined [text; image] stream (B, L, C): each sample's image tokens, the last n of
@@ -235,11 +281,7 @@ class Residual(_Placement):
         """The (B, L) boolean mask of valid tokens (``BlockIO.valid``), or None when every token is valid."""
         if self.valid is None:
             return None
-        name, position = self.valid
-        if name is not None and name in kwargs:
-            valid = kwargs[name]
-        else:
-            valid = args[position] if position is not None and position < len(args) else None
+        valid, _ = self.valid.find(args, kwargs)
         if valid is None:
             return None
         if not isinstance(valid, torch.Tensor) or valid.dtype != torch.bool or tuple(valid.shape) != tuple(x.shape[:2]):
@@ -250,31 +292,35 @@ class Residual(_Placement):
             )
         return valid
 
-    def route_source(self, module, call_impl, args, kwargs):
+    def route_source(self, forward: Callable, mode: str, args: tuple, kwargs: dict) -> Any:
         """``G(m * h) + (1 - m) * h`` for a block that computes ``G(h) = h + F(h)`` on its child's output h."""
         frame = self.source.open()
         try:
-            output = call_impl(module, *args, **kwargs)
+            output = forward(*args, **kwargs)
         finally:
             self.source.close(frame)
         if not frame[1]:
             raise RuntimeError(f"dtr: {self.name!r} takes its stream from {self.source.name!r}, which did not run")
         h, inactive = frame[1][-1]
         out = self._same_shape(h, output)
-        if torch.is_grad_enabled() and not is_compiling():  # h is the residual view _RouteIn gave back
-            return self.with_stream(output, _fused()[1].apply(out, h, inactive))
-        return self.with_stream(output, torch.addcmul(out, h, inactive))
+        ops = policy.RESIDUAL_OPS[mode]
+        if ops == policy.PLAIN:
+            return self.with_stream(output, torch.addcmul(out, h, inactive))
+        return self.with_stream(output, _FUNCTIONS[ops][1].apply(out, h, inactive))  # h: the view _RouteIn gave
 
     def find_input(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, int | str]:
         """The stream tensor and where it was (a position or a keyword)."""
-        if self.input_name is not None and self.input_name in kwargs:
-            x, where = kwargs[self.input_name], self.input_name
-        elif self.input_position is not None and self.input_position < len(args):
-            x, where = args[self.input_position], self.input_position
+        name, position = self.input.name, self.input.position
+        if name is not None and name in kwargs:
+            x, where = kwargs[name], name
+        elif position is not None and position < len(args):
+            x, where = args[position], position
         else:
+            x, where = None, None
+        if where is None:
             raise ValueError(
                 f"dtr: routed module {self.name!r} was called without its stream argument "
-                f"{self.input_name or self.input_position!r} (got {len(args)} positional arguments and keywords "
+                f"{self.input.name or self.input.position!r} (got {len(args)} positional arguments and keywords "
                 f"{sorted(kwargs)}); declare it with block_io=dtr.BlockIO(input=<name or position>)"
             )
         if not isinstance(x, torch.Tensor):
@@ -284,43 +330,25 @@ class Residual(_Placement):
             )
         return x, where
 
-    def channel_axis(self, x: torch.Tensor) -> int:
-        """The axis of ``x`` to mask: declared, or the last axis of (B, C) / (B, N, C) input; never guessed for 4-d+."""
-        axis = self.io.channel_axis
-        if axis is None:
-            if x.ndim >= 4:
-                raise ValueError(
-                    f"dtr: routed module {self.name!r} takes a {x.ndim}-d input {tuple(x.shape)}: say which axis "
-                    "holds its channels, dtr.wrap(..., channel_axis=1) for channels first (B, C, H, W) or -1 for "
-                    "channels last"
-                )
-            if self.width is not None and x.ndim == 3 and x.shape[-1] != self.width and x.shape[1] == self.width:
-                raise ValueError(
-                    f"dtr: residual placement masks the last axis of {self.name!r}'s input {tuple(x.shape)}, of size "
-                    f"{x.shape[-1]}, but the module's width {self.width} is axis 1: for a channels-first block pass "
-                    "channel_axis=1 to dtr.wrap (or channel_axis=-1 if the last axis is the right one)"
-                )
-            return x.ndim - 1
-        return _check_axis(axis, x, self.name)
-
     def _same_shape(self, x: torch.Tensor, output: Any) -> torch.Tensor:
         out = self.stream(output)
         if not isinstance(out, torch.Tensor) or out.shape != x.shape:
-            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ValueError(
-                f"dtr: residual placement needs a block whose output stream has its input's shape; "
-                f"{self.name!r} maps {tuple(x.shape)} to {got}. Route it with placement='gate', declare the stream "
-                "with block_io=, or choose other blocks"
-            )
+            self._shape_error(x, out)
         return out
 
+    def _shape_error(self, x: torch.Tensor, out: Any) -> None:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(
+            f"dtr: residual placement needs a block whose output stream has its input's shape; "
+            f"{self.name!r} maps {tuple(x.shape)} to {got}. Route it with placement='gate', declare the stream "
+            "with block_io=, or choose other blocks"
+        )
 
-class Source:
+
+class Source(Behaviour):
     """The child module whose output h is a routed block's stream (``BlockIO.source``): inside its block's routed
     call it returns ``m * h`` and hands ``h`` and ``1 - m`` to the block, which adds ``(1 - m) * h`` to its output.
     Called on its own, it is the plain module."""
-
-    intercepts_forward = False
 
     def __init__(self, block: Residual, name: str):
         self.block = block
@@ -328,8 +356,9 @@ class Source:
         self.name = name
         self._local = threading.local()  # this thread's open frame (the block call in progress)
 
-    def copies_with(self, memo: dict) -> bool:
-        return id(self.runtime) in memo
+    @property
+    def live(self) -> bool:
+        return self.runtime.owned
 
     def open(self) -> tuple:
         frame = (getattr(self._local, "frame", None), [])
@@ -339,25 +368,26 @@ class Source:
     def close(self, frame: tuple) -> None:
         self._local.frame = frame[0]
 
-    def call(self, module: nn.Module, call_impl: Callable, args: tuple, kwargs: dict) -> Any:
-        h = call_impl(module, *args, **kwargs)
+    def forward(self, module: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        h = forward(*args, **kwargs)
         frame = getattr(self._local, "frame", None)
-        if frame is None:
+        if frame is None or not self.runtime.owned:
             return h
+        mode = policy.mode()
         calls = self.runtime.calls
         outer = calls.current()
         try:
-            call = self.runtime.call_for(self.name, outer)
-            if call is None:  # recomputing a region opened inside this module's call: what ran there, unrouted
-                return h
-            m, inactive = self.runtime.masks(call, h, self.block.channel_axis(h), self.block.index, self.name)
+            call = self.runtime.call_for(self.name, outer, mode)
+            axis = self.block.residual_axis(h)
+            m, inactive = self.runtime.masks(call, h, axis, self.block.index, self.name, self.block.batch_axis, mode)
         finally:
-            if calls.current() is not outer:
+            if calls.current() is not outer:  # only a replayed recomputation pushes (no write while compiling)
                 calls.restore(outer)
-        if torch.is_grad_enabled() and not is_compiling():
-            z, h = _fused()[0].apply(h, m)  # as Residual: both paths of h meet in one backward
-        else:
+        ops = policy.RESIDUAL_OPS[mode]
+        if ops == policy.PLAIN:
             z = h * m
+        else:
+            z, h = _FUNCTIONS[ops][0].apply(h, m)  # as Residual: both paths of h meet in one backward
         frame[1].append((h, inactive))
         return z
 
@@ -372,8 +402,8 @@ class Source:
 class Gate(_Placement):
     """``m * module(x)`` on the channel axis (1 unless declared): each sample's output masked by its own task."""
 
-    def route(self, module, call_impl, call, args, kwargs):
-        output = call_impl(module, *args, **kwargs)
+    def route(self, forward: Callable, call, mode: str, args: tuple, kwargs: dict) -> Any:
+        output = forward(*args, **kwargs)
         out = self.stream(output)
         if not isinstance(out, torch.Tensor) or out.ndim < 2:
             raise ValueError(f"dtr: gate placement needs a tensor output with channels on an axis from {self.name!r}")
@@ -387,28 +417,13 @@ class Gate(_Placement):
                 f"dtr: gate placement masks axis {axis} of {self.name!r}'s output {tuple(out.shape)}, of size "
                 f"{out.shape[axis]}, but the module's width is {self.width}: {hint}"
             )
-        m, _ = self.runtime.masks(call, out, axis, self.index, self.name)
+        m, _ = self.runtime.masks(call, out, axis, self.index, self.name, 0, mode)
         return self.with_stream(output, out * m)
 
 
 #################################################################################
 #                                   Helpers                                      #
 #################################################################################
-
-
-def _locate(forward: Callable, arg: str | int) -> tuple[str | None, int | None]:
-    """(keyword, position) of a ``forward`` argument given by name or position, read off its signature."""
-    try:
-        params = list(inspect.signature(forward).parameters.values())[1:]  # without self
-    except (TypeError, ValueError):  # no signature (a builtin): take the argument as given
-        return (arg, None) if isinstance(arg, str) else (None, arg)
-    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    positional = [p for p in params if p.kind in kinds]
-    if isinstance(arg, int):
-        keyword = arg < len(positional) and positional[arg].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
-        return (positional[arg].name if keyword else None), arg
-    names = [p.name for p in positional]
-    return arg, (names.index(arg) if arg in names else None)
 
 
 def _check_axis(axis: int, x: torch.Tensor, name: str) -> int:
@@ -421,40 +436,19 @@ def _check_axis(axis: int, x: torch.Tensor, name: str) -> int:
     return axis % x.ndim
 
 
-def _call_with_input(call_impl, module: nn.Module, box: list, where: int | str, args: tuple, kwargs: dict):
-    """``call_impl(module, *args, **kwargs)`` with the stream argument replaced by the tensor in ``box``.
-
-    A module without hooks is called as ``nn.Module._call_impl`` would call it, ``module.forward(...)``, and a
-    plain positional call hands the masked input over without keeping a reference: a block that rebinds its
-    input (``x = x + ...``, as DiT's does) frees it early, so under no_grad the masked copy costs no peak
-    memory.  Other calls keep it alive until the block returns.
-    """
-    if where == 0 and not kwargs and not is_compiling() and _hook_free(module):
-        forward, rest = module.forward, args[1:]
-        if len(rest) == 0:
-            return forward(box.pop())
-        if len(rest) == 1:
-            return forward(box.pop(), rest[0])
-        if len(rest) == 2:
-            return forward(box.pop(), rest[0], rest[1])
-    if isinstance(where, str):
-        return call_impl(module, *args, **{**kwargs, where: box.pop()})
-    return call_impl(module, *args[:where], box.pop(), *args[where + 1 :], **kwargs)
+_CHANNELS_FIRST = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_CHANNELS_LAST = (nn.Linear, nn.LayerNorm, nn.MultiheadAttention, getattr(nn, "RMSNorm", nn.LayerNorm))
 
 
-def _hook_free(module: nn.Module) -> bool:
-    """No forward or backward hook on ``module`` or global: ``_call_impl`` would just call ``forward``."""
-    return not (
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or module._backward_hooks
-        or module._backward_pre_hooks
-        or _hooks._global_forward_hooks
-        or _hooks._global_forward_pre_hooks
-        or _hooks._global_backward_hooks
-        or _hooks._global_backward_pre_hooks
-        or torch._C._get_tracing_state()
-    )
+def channel_layout(module: nn.Module) -> str | None:
+    """Where the module's channels are, read off the first of its layers that says: ``"first"`` (convolutions,
+    group and batch norms: (B, C, ...)), ``"last"`` (linear layers, layer norms, attention: (..., C)), or None."""
+    for layer in module.modules():
+        if isinstance(layer, _CHANNELS_FIRST):
+            return "first"
+        if isinstance(layer, _CHANNELS_LAST):
+            return "last"
+    return None
 
 
 def declared_width(module: nn.Module) -> int | None:
@@ -473,9 +467,11 @@ def declared_width(module: nn.Module) -> int | None:
     return None
 
 
+# Whole-model pickles of dtr 0.2 name this function.
 def _new_routed(*args):
-    """A whole-model pickle written by dtr 0.2 names this function: say how to carry such a model over."""
-    raise RuntimeError(
-        "this model was pickled whole by dtr 0.2, whose routing objects this dtr cannot rebuild: load it with "
-        "dtr 0.2, save model.state_dict() (routing adds no keys), then build the model, load_state_dict and dtr.wrap it"
-    )
+    from .legacy import unpickle_routed_02
+
+    return unpickle_routed_02(*args)
+
+
+__all__ = ["Argument", "Gate", "Residual", "Source", "channel_layout", "declared_width"]

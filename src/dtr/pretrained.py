@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import dataclasses
 import inspect
 import json
 import logging
@@ -20,27 +21,31 @@ import re
 import sys
 import threading
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
 
 from .adapters import find_adapter
 from .api import inner_model, routing_of, wrap_with
-from .record import KEY, SavedRouting, has_config, read_file, read_record, read_routing
+from .legacy import V02_DEFAULT_TIMESTEP_ARG, upgrade_file, upgrade_flat
+from .record import KEY, has_config, read_record, read_routing, read_saved
+from .routing import Routing
+from .spec import BlockIO, RoutingConfig, RoutingSpec
 
 CONFIG_NAME = "dtr_config.json"  # where dtr 0.2 kept the routing, beside the weights
 # What from_pretrained takes to find the files (the rest is for building the model).
 _HUB_KWARGS = ("subfolder", "revision", "cache_dir", "force_download", "proxies", "token", "local_files_only")
-# dtr 0.2 tried these in order, by position or name, when nothing else was said (a saved format 1 list).
-_V02_DEFAULT_TIMESTEP_ARG = (1, "t", "timestep", "timesteps")
 
 
-def save_pretrained(model: nn.Module, folder: str, **kwargs: Any) -> None:
-    """``model.save_pretrained(folder, **kwargs)`` of a routed diffusers model (also through DDP, ``torch.compile``
-    or ``PeftModel``), refusing an unrouted one; removes a ``dtr_config.json`` an earlier dtr left in ``folder``.
-
-    The routing is in the model's config, so the model's own ``save_pretrained`` writes it as well.
+def save_pretrained(model: Any, folder: str, **kwargs: Any) -> None:
+    """Save a routed diffusers model with its routing: ``model.save_pretrained(folder, **kwargs)`` of a routed model
+    (also through DDP, ``torch.compile`` or ``PeftModel``), refusing an unrouted one; or, for a diffusers
+    ``EMAModel`` of a routed model, the averaged weights routed as that model was (``EMAModel.save_pretrained``
+    builds an unrouted model, whose save carries no routing).  Removes a ``dtr_config.json`` an earlier dtr left.
     """
+    if _is_ema(model):
+        return _save_ema(model, folder, **kwargs)
     inner = inner_model(model)
     if routing_of(inner) is None:
         raise ValueError(
@@ -49,7 +54,7 @@ def save_pretrained(model: nn.Module, folder: str, **kwargs: Any) -> None:
     if not has_config(inner) or not callable(getattr(inner, "save_pretrained", None)):
         raise TypeError(
             f"{type(inner).__name__} has no diffusers config to carry its routing (not a diffusers "
-            "model): save its state_dict with torch.save and dtr.routing_of(model).config beside it, "
+            "model): save its state_dict with torch.save and dtr.routing_of(model).to_dict() beside it, "
             "and route the loaded model with dtr.wrap_from_config"
         )
     if kwargs.get("is_main_process", True):
@@ -62,13 +67,16 @@ def from_pretrained(model_class: type, path_or_repo_id: str | os.PathLike, **kwa
     """``model_class.from_pretrained(path_or_repo_id, **kwargs)``, routed again as it was saved.
 
     ``model_class`` is a diffusers model class (the routing comes from the saved ``config.json``, checked before
-    the weights load) or a pipeline class (every component whose config carries a routing is routed again; the
+    the weights load), a pipeline class (every component whose config carries a routing is routed again; the
     others, and components passed in ``kwargs``, are as diffusers gives them; a pipeline with no routed component
-    is refused).  ``kwargs`` are the class's own:
-    ``subfolder``, ``revision``, ``cache_dir``, ``local_files_only``, ``torch_dtype``, ...
+    is refused), or diffusers' ``EMAModel`` with ``model_cls=`` (what ``dtr.save_pretrained(ema_model, path)``
+    wrote: the averaged weights and the EMA's state, its ``model_config`` carrying the routing).  ``kwargs`` are the
+    class's own: ``subfolder``, ``revision``, ``cache_dir``, ``local_files_only``, ``torch_dtype``, ...
     """
     if _is_pipeline_class(model_class):
         return _pipeline_from_pretrained(model_class, path_or_repo_id, kwargs)
+    if _is_ema(model_class):
+        return _load_ema(model_class, path_or_repo_id, **kwargs)
     if not callable(getattr(model_class, "load_config", None)):
         raise TypeError(
             f"dtr.from_pretrained takes a diffusers model or pipeline class, got {model_class!r}: load "
@@ -82,8 +90,7 @@ def from_pretrained(model_class: type, path_or_repo_id: str | os.PathLike, **kwa
         raise ValueError(
             f"{where} carries no routing (no {KEY!r} key, no {CONFIG_NAME} beside it): it was saved "
             f"unrouted. Load it with {model_class.__name__}.from_pretrained and dtr.wrap it with the "
-            "settings it was trained with (an EMAModel made before dtr.wrap saves its config without "
-            "the routing: make it after)"
+            "settings it was trained with (an EMAModel is saved routed with dtr.save_pretrained(ema_model, path))"
         )
     with _without_record_warning():
         model = model_class.from_pretrained(path_or_repo_id, **kwargs)
@@ -91,15 +98,24 @@ def from_pretrained(model_class: type, path_or_repo_id: str | os.PathLike, **kwa
     return model
 
 
-def wrap_from_config(model: nn.Module, config: dict):
-    """Route ``model`` as ``config`` says: a ``Routing.config``, a model config's ``dtr_routing`` record, or the
-    contents of a ``dtr_config.json``; returns the handle."""
-    if isinstance(config, dict) and "routing" in config and "format_version" in config:
+def wrap_from_config(model: nn.Module, config: Mapping) -> Routing:
+    """Route ``model`` as ``config`` says: a ``Routing.to_dict()``, a model config's ``dtr_routing`` record, the
+    contents of a ``dtr_config.json``, or a dtr 0.3 ``Routing.config``; returns the handle."""
+    if isinstance(config, RoutingConfig):
+        raise TypeError(
+            "wrap_from_config needs where to route as well as the numbers: pass routing.to_dict() (a RoutingConfig "
+            "holds only the numbers; dtr.wrap_with(model, config) routes with the adapter's choice of modules)"
+        )
+    if not isinstance(config, Mapping):
+        raise TypeError(f"config must be a dict (Routing.to_dict() or a saved record), got {type(config).__name__}")
+    if "format_version" in config and "dtr_version" in config and ("routing" in config or "spec" in config):
         saved = read_record(config, "config")
-    elif isinstance(config, dict) and "format_version" in config:
-        saved = read_file(config, "config")
+    elif "format_version" in config:
+        saved = upgrade_file(dict(config), "config")
+    elif "config" in config or "spec" in config:
+        saved = read_routing(config, "config") + ({},)
     else:
-        saved = read_routing(config, "config", None)
+        saved = upgrade_flat(dict(config), "config")
     return _route(model, saved, "config")
 
 
@@ -116,8 +132,11 @@ def _pipeline_from_pretrained(pipeline_class: type, path_or_repo_id, kwargs: dic
     for name, component in pipeline.components.items():
         if name in kwargs or not isinstance(component, nn.Module) or not has_config(component):
             continue  # passed in by the caller, or not a diffusers model (schedulers, text encoders)
+        if KEY not in component.config and not _earlier_file(path_or_repo_id, name, hub):
+            continue
         where = _where(path_or_repo_id, name, kwargs.get("revision"), component.config_name)
-        saved = _saved_routing(component.config, path_or_repo_id, name, hub, where)
+        config = type(component).load_config(path_or_repo_id, subfolder=name, **hub)  # with its seal
+        saved = _saved_routing(config, path_or_repo_id, name, hub, where)
         if saved is not None:
             _route(component, saved, where)
     if not any(isinstance(c, nn.Module) and routing_of(c) is not None for c in pipeline.components.values()):
@@ -129,10 +148,10 @@ def _pipeline_from_pretrained(pipeline_class: type, path_or_repo_id, kwargs: dic
     return pipeline
 
 
-def _saved_routing(config, path_or_repo_id, subfolder: str | None, hub: dict, where: str) -> SavedRouting | None:
+def _saved_routing(config, path_or_repo_id, subfolder: str | None, hub: dict, where: str):
     """The routing a saved config carries, or that a ``dtr_config.json`` of an earlier dtr beside it holds, or None."""
     if KEY in config:
-        return read_record(config[KEY], where)
+        return read_saved(config, where)
     path = _earlier_file(path_or_repo_id, subfolder, hub)
     if path is None:
         return None
@@ -141,7 +160,7 @@ def _saved_routing(config, path_or_repo_id, subfolder: str | None, hub: dict, wh
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
-    saved = read_file(data, path)
+    saved = upgrade_file(data, path)
     warnings.warn(
         f"{path}: routing read from the {CONFIG_NAME} an earlier dtr wrote beside the weights. This dtr keeps the "
         f"routing in config.json ({KEY!r}), where no later save can leave it behind; a {CONFIG_NAME} left by a "
@@ -172,47 +191,48 @@ def _earlier_file(path_or_repo_id, subfolder: str | None, hub: dict) -> str | No
         return None
 
 
-def _route(model: nn.Module, saved: SavedRouting, where: str):
+def _route(model: nn.Module, saved: tuple[RoutingConfig, RoutingSpec, dict], where: str) -> Routing:
     """Route ``model`` as ``saved`` says; an error names where the routing came from."""
-    names = {n for n, _ in inner_model(model).named_modules()}
-    missing = [b for b in saved.blocks if b not in names]
+    config, spec, extra = saved
+    inner = inner_model(model)
+    names = {n for n, _ in inner.named_modules()}
+    missing = [b for b in spec.blocks if b not in names]
     if missing:
         raise ValueError(
-            f"{where}: key {saved.key('blocks')!r} names modules a {type(inner_model(model)).__name__} "
-            f"of this config does not have: {missing[:3]} (saved from another model?)"
+            f"{where}: key 'spec.blocks' names modules a {type(inner).__name__} of this config does not have: "
+            f"{missing[:3]} (saved from another model?)"
         )
-    spec = find_adapter(inner_model(model))
-    blocks = None if spec is not None and spec.blocks == saved.blocks else list(saved.blocks)  # keep the adapter's name
-    arg = saved.timestep_arg
-    if isinstance(arg, tuple):  # format 1: the first name the model's forward takes, else the first position
-        arg = _first_accepted(model, saved.timestep_module, arg)
+    spec = _resolve_extra(inner, spec, extra)
+    adapter = find_adapter(inner)
+    if adapter is not None and adapter.adapter == spec.adapter:  # the adapter's words for the summary
+        spec = dataclasses.replace(spec, note=adapter.note)
+    if adapter is not None and spec.timestep_arg is None and spec.timestep_module == adapter.timestep_module:
+        spec = dataclasses.replace(spec, timestep_arg=adapter.timestep_arg)  # dtr 0.2: "the adapter's default"
     try:
-        return wrap_with(
-            model,
-            saved.config,
-            blocks=blocks,
-            placement=saved.placement,
-            block_io=dict(saved.io) or None,
-            timestep_module=saved.timestep_module or None,
-            timestep_arg=arg,
-            timestep_kind=saved.timestep_kind,
-            channel_axis=saved.channel_axis,
-        )
+        return wrap_with(model, config, spec)
     except (TypeError, ValueError) as e:
         raise type(e)(f"{where}: {e}") from e
 
 
-def _first_accepted(model: nn.Module, timestep_module: str, candidates: tuple):
-    """dtr 0.2's timestep_arg list, as one argument: None for its default list (the adapter knows), else the
-    first name the timestep module's forward takes, else the first position."""
-    if candidates == _V02_DEFAULT_TIMESTEP_ARG or not candidates:
-        return None
-    module = dict(inner_model(model).named_modules())[timestep_module] if timestep_module else inner_model(model)
-    names = inspect.signature(module.forward).parameters
-    return next(
-        (a for a in candidates if isinstance(a, str) and a in names),
-        next((a for a in candidates if isinstance(a, int)), candidates[0]),
-    )
+def _resolve_extra(model: nn.Module, spec: RoutingSpec, extra: dict) -> RoutingSpec:
+    """What an older format left to the model at hand: a channel axis for every routed block class, and the first
+    of dtr 0.2's candidate timestep arguments the timestep module's forward takes."""
+    io = dict(spec.io)
+    if "channel_axis" in extra:
+        modules = dict(model.named_modules())
+        for cls in {type(modules[b]).__name__ for b in spec.blocks}:
+            base = io.get(cls, BlockIO())
+            io[cls] = BlockIO(**{**base.to_dict(), "channel_axis": extra["channel_axis"]})
+    arg = spec.timestep_arg
+    candidates = extra.get("timestep_args")
+    if candidates and candidates != V02_DEFAULT_TIMESTEP_ARG:
+        module = model.get_submodule(spec.timestep_module) if spec.timestep_module else model
+        names = inspect.signature(module.forward).parameters
+        arg = next(
+            (a for a in candidates if isinstance(a, str) and a in names),
+            next((a for a in candidates if isinstance(a, int)), candidates[0]),
+        )
+    return dataclasses.replace(spec, io=io, timestep_arg=arg)
 
 
 def _where(path_or_repo_id, subfolder: str | None, revision: str | None, filename: str) -> str:
@@ -228,6 +248,50 @@ def _is_pipeline_class(cls: Any) -> bool:
     """A diffusers pipeline class (diffusers is imported wherever one exists: nothing is imported here)."""
     diffusers = sys.modules.get("diffusers")
     return diffusers is not None and isinstance(cls, type) and issubclass(cls, diffusers.DiffusionPipeline)
+
+
+#################################################################################
+#                        EMAModel: the averaged weights, routed                  #
+#################################################################################
+
+
+def _is_ema(obj: Any) -> bool:
+    """A diffusers ``EMAModel`` or its class (recognised without importing diffusers)."""
+    cls = obj if isinstance(obj, type) else type(obj)
+    return any(c.__name__ == "EMAModel" and c.__module__.startswith("diffusers.") for c in cls.__mro__)
+
+
+def _load_ema(ema_class: type, path_or_repo_id, model_cls: type | None = None, **kwargs: Any) -> Any:
+    """``EMAModel.from_pretrained`` of a routed EMA save: the model loaded routed (without the plain-load warning),
+    the EMA made of its parameters and config, its state read back from the config."""
+    if model_cls is None:
+        raise TypeError("dtr.from_pretrained(EMAModel, path, model_cls=<the model class>) needs model_cls=")
+    model = from_pretrained(model_cls, path_or_repo_id, **kwargs)
+    ema = ema_class(model.parameters(), model_cls=model_cls, model_config=model.config)
+    state = ema.state_dict()
+    ema.load_state_dict({k: model.config.get(k, v) for k, v in state.items()})
+    return ema
+
+
+def _save_ema(ema: Any, folder: str, **kwargs: Any) -> None:
+    """What ``EMAModel.save_pretrained`` does (a model from its config, its state in the config, the averaged weights),
+    with the model routed as the record in the EMA's config says, so that its save carries the routing."""
+    if ema.model_cls is None or ema.model_config is None:
+        raise ValueError("dtr.save_pretrained of an EMAModel needs model_cls= and model_config= given to EMAModel")
+    record = ema.model_config.get(KEY)
+    if record is None:
+        raise ValueError(
+            "this EMAModel's model_config carries no routing: it was made before dtr.wrap (make it after, with "
+            "model_config=model.config of the routed model), or from an unrouted model"
+        )
+    with _without_record_warning():
+        model = ema.model_cls.from_config(ema.model_config)
+    wrap_from_config(model, record)
+    state = ema.state_dict()
+    state.pop("shadow_params", None)
+    model.register_to_config(**state)
+    ema.copy_to(model.parameters())
+    save_pretrained(model, folder, **kwargs)
 
 
 #################################################################################

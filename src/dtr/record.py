@@ -1,50 +1,42 @@
-"""The routing record a diffusers model's own config carries, so that every diffusers save writes it.
+"""The routing record a routed diffusers model saves in its own ``config.json``, and only a routed model.
 
-``dtr.wrap`` adds ``config["dtr_routing"]`` to a model that has a diffusers config (``ConfigMixin``), and
-``unwrap`` takes it away again.  diffusers writes the whole config into ``config.json`` at every save: the
-model's ``save_pretrained``, a pipeline's (component by component), ``EMAModel.save_pretrained`` (which
-rebuilds the model ``from_config`` of the config it was given), ``push_to_hub``.  Loading keeps config keys
-the class's ``__init__`` does not take, and warns about them, so a plain ``from_pretrained`` of a routed save
-prints the record, whose first entry says to load it with ``dtr.from_pretrained``.  Every save rewrites
-``config.json``, so a folder never holds the routing of an earlier save.
+``dtr.wrap`` puts the record (``config["dtr_routing"]``: the routing's ``RoutingConfig`` and ``RoutingSpec``) in the
+in-memory config of a model that has a diffusers config (``ConfigMixin``), and gives the model a ``to_json_string``
+of its own that writes, at each save, the record of its live routing and beside it a seal (``dtr_routing_seal``,
+the record's SHA-256).  Every diffusers save goes through ``to_json_string``: the model's ``save_pretrained``, a
+pipeline's (component by component), ``push_to_hub``.
 
-This module builds, attaches, removes and checks records; it knows nothing of files (``pretrained`` reads them).
+Why the seal: diffusers copies unknown config keys into any model built from a config, so a record rides into
+models that were never routed (``Model.from_config(routed.config)``, ``EMAModel.save_pretrained``, a plain
+``from_pretrained`` of a routed save that is then trained and saved) and their saves write it again.  The seal is
+listed in ``_use_default_values``, the keys diffusers' loader drops (it keeps the record itself, and warns about
+it, which tells a plain load to use ``dtr.from_pretrained``): no loaded or copied model ever holds a seal, so only
+a routed model's save writes one, and ``dtr.from_pretrained`` routes only what carries a matching seal.
+
+This module builds, attaches, seals and checks records; it knows nothing of files (``pretrained`` reads them).
 """
 
 from __future__ import annotations
 
-import dataclasses
+import hashlib
+import json
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
 from ._version import __version__
-from .spec import PLACEMENTS, TIMESTEP_KINDS, BlockIO, RoutingConfig
+from .legacy import RECORD_FORMATS, upgrade
+from .spec import RoutingConfig, RoutingSpec
 
 KEY = "dtr_routing"
-FORMAT_VERSION = 3  # the record in config.json; bump when a field changes meaning
-FILE_FORMATS = (1, 2)  # dtr_config.json beside the weights: dtr 0.2 (1) and the 0.3 development line (2)
+SEAL = "dtr_routing_seal"
+FORMAT_VERSION = 4  # the record in config.json; bump when a field changes meaning
 LOAD_WITH = (
     "dtr.from_pretrained(ModelOrPipelineClass, path_or_repo_id) of denoising-task-routing: these weights "
     "were trained with Denoising Task Routing, and plain from_pretrained gives them without it"
 )
-
-# The keys of a saved routing (Routing.config; format 1 had no io and put channel_axis at the top).
-_REQUIRED = (
-    "sharing_ratio",
-    "alpha",
-    "method",
-    "num_tasks",
-    "seed",
-    "blocks",
-    "placement",
-    "timestep_module",
-    "timestep_arg",
-    "timestep_kind",
-)
-_OPTIONAL = ("io", "channel_axis", "adapter")
+_DROPPED_ON_LOAD = "_use_default_values"  # diffusers' loader drops the keys listed here, and this key
 
 
 def has_config(model: Any) -> bool:
@@ -57,173 +49,119 @@ def has_config(model: Any) -> bool:
     )
 
 
-def make_record(routing_config: Mapping) -> dict:
-    """The record of a routing (``Routing.config``): the hint for plain loaders first, then versions and the routing."""
+def make_record(config: RoutingConfig, spec: RoutingSpec) -> dict:
+    """The record of a routing: the hint for plain loaders first, then versions and the routing's two values."""
     return {
         "load_with": LOAD_WITH,
         "format_version": FORMAT_VERSION,
         "dtr_version": __version__,
-        "routing": dict(routing_config),
+        "config": config.to_dict(),
+        "spec": spec.to_dict(),
     }
 
 
-def attach_record(model: nn.Module, routing_config: Mapping) -> None:
-    """Put the record of ``routing_config`` into ``model``'s diffusers config (nothing for other models)."""
+def seal_of(record: Mapping) -> str:
+    """The SHA-256 of the record's canonical JSON."""
+    return hashlib.sha256(json.dumps(record, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+#################################################################################
+#                         On the routed model (in memory)                        #
+#################################################################################
+
+
+class SealedConfig:
+    """A routed model's ``to_json_string``: its class's, with the record of the live routing and its seal."""
+
+    __slots__ = ("model", "routing")
+
+    def __init__(self, model: nn.Module, routing: Any):
+        self.model = model
+        self.routing = routing
+
+    def __call__(self) -> str:
+        config = json.loads(type(self.model).to_json_string(self.model))
+        record = make_record(self.routing.config, self.routing.spec)
+        config[KEY] = record
+        config[SEAL] = seal_of(record)
+        config[_DROPPED_ON_LOAD] = [SEAL]
+        return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+
+def attach_record(model: nn.Module, routing: Any) -> None:
+    """Put the record of ``routing`` into ``model``'s diffusers config and seal its saves (nothing for other models)."""
     if has_config(model):
-        model.register_to_config(**{KEY: make_record(routing_config)})
+        model.register_to_config(**{KEY: make_record(routing.config, routing.spec)})
+        model.__dict__["to_json_string"] = SealedConfig(model, routing)
 
 
 def detach_record(model: nn.Module) -> None:
-    """Take the record out of ``model``'s config (``register_to_config`` only adds, so the frozen dict is rebuilt)."""
+    """Take the record out of ``model``'s config (``register_to_config`` only adds, so the frozen dict is rebuilt)
+    and its saves back to diffusers' own."""
+    if isinstance(model.__dict__.get("to_json_string"), SealedConfig):
+        del model.__dict__["to_json_string"]
     config = getattr(model, "_internal_dict", None) if has_config(model) else None
     if config is not None and KEY in config:
         model._internal_dict = type(config)({k: v for k, v in config.items() if k != KEY})
 
 
-@dataclass(frozen=True)
-class SavedRouting:
-    """A saved routing, checked: the numbers and what ``wrap_with`` needs to route a model the same way."""
-
-    config: RoutingConfig
-    blocks: tuple[str, ...]
-    placement: str
-    io: Mapping[str, BlockIO]
-    timestep_module: str
-    timestep_arg: str | int | tuple | None  # a tuple only from format 1: names and positions tried in order
-    timestep_kind: str
-    channel_axis: int | None = None
-    adapter: str = "custom"
-    prefix: str | None = None  # where the routing sits in its file, for errors ("dtr_routing.routing")
-
-    def key(self, name: str) -> str:
-        """The dotted key of one of the routing's fields in its file."""
-        return _dotted(self.prefix, name)
+#################################################################################
+#                                    Reading                                     #
+#################################################################################
 
 
-def read_record(record: Any, where: str) -> SavedRouting:
-    """The routing in a config's ``dtr_routing`` record; ``where`` names the file in every error."""
-    _check_object(record, where, KEY)
-    _check_keys(record, where, KEY, required=("format_version", "routing"), optional=("load_with", "dtr_version"))
-    version = record["format_version"]
+class Unsealed(ValueError):
+    """A record that no routed model's save wrote (it rode into a model built from a routed one's config)."""
+
+
+def read_saved(config: Mapping, where: str) -> tuple[RoutingConfig, RoutingSpec, dict] | None:
+    """The routing a saved config carries, checked: (config, spec, what an older format left to the model), or None
+    for an unrouted save.  ``config`` is the file's whole config (with its seal); errors name ``where`` and the key."""
+    if KEY not in config:
+        return None
+    record = config[KEY]
+    if _version(record, where) == FORMAT_VERSION and config.get(SEAL) != seal_of(record):
+        problem = "its seal does not match (edited after the save?)" if SEAL in config else f"no {SEAL!r} beside it"
+        raise Unsealed(
+            f"{where}: the {KEY!r} record was not written by a routed model ({problem}): the model saved was built "
+            "from a routed model's config (from_config, EMAModel.save_pretrained) or loaded with plain "
+            "from_pretrained, and was not routed itself. Load it with plain from_pretrained; save an EMAModel of a "
+            "routed model with dtr.save_pretrained(ema_model, path)"
+        )
+    return read_record(record, where)
+
+
+def read_record(record: Any, where: str) -> tuple[RoutingConfig, RoutingSpec, dict]:
+    """The routing in a ``dtr_routing`` record of any format (older ones upgraded), checked key by key; the dict
+    holds what an older format left for the model to resolve (``legacy.upgrade``)."""
+    version = _version(record, where)
     if version != FORMAT_VERSION:
-        raise ValueError(
-            f"{where}: key '{KEY}.format_version' is {version!r}, and this dtr reads format_version "
-            f"{FORMAT_VERSION} (written by dtr {record.get('dtr_version', '?')}): install a dtr that "
-            "reads it"
-        )
-    return read_routing(record["routing"], where, f"{KEY}.routing")
+        return upgrade(record, version, where)
+    unknown = sorted(set(record) - {"load_with", "format_version", "dtr_version", "config", "spec"})
+    if unknown:
+        raise ValueError(f"{where}: key '{KEY}.{unknown[0]}' is not one this dtr knows (newer dtr, or edited)")
+    return read_routing({"config": record.get("config"), "spec": record.get("spec")}, where, KEY) + ({},)
 
 
-def read_file(data: Any, where: str) -> SavedRouting:
-    """The routing in a ``dtr_config.json`` of an earlier dtr (the routing's keys beside the format's)."""
-    _check_object(data, where, None)
-    version = data.get("format_version")
-    if version not in FILE_FORMATS:
-        raise ValueError(
-            f"{where}: key 'format_version' is {version!r}, and this dtr reads format_version "
-            f"{' or '.join(map(str, FILE_FORMATS))} in dtr_config.json (written by dtr "
-            f"{data.get('dtr_version', '?')}): install a dtr that reads it"
-        )
-    routing = {k: v for k, v in data.items() if k not in ("format_version", "dtr_version")}
-    return read_routing(routing, where, None, format1=version == 1)
-
-
-def read_routing(data: Any, where: str, prefix: str | None, format1: bool = False) -> SavedRouting:
-    """A ``Routing.config`` (or a format 1 routing), checked key by key: one-line errors naming ``where`` and
-    the key (``prefix`` is where the routing sits in the file)."""
-    _check_object(data, where, prefix)
-    _check_keys(data, where, prefix, required=_REQUIRED, optional=_OPTIONAL)
-
-    def bad(key: str, problem: Any) -> ValueError:
-        return ValueError(f"{where}: key {_dotted(prefix, key)!r}: {problem}")
-
-    for name in RoutingConfig._names():  # each number alone, so that the error names its key
-        try:
-            RoutingConfig(**{name: data[name]})
-        except (TypeError, ValueError) as e:
-            raise bad(name, e) from None
-    config = RoutingConfig.from_dict(data)
-    blocks = data["blocks"]
-    if not isinstance(blocks, list) or not blocks or not all(isinstance(b, str) and b for b in blocks):
-        raise bad("blocks", f"must be a non-empty list of module names, got {blocks!r}")
-    if data["placement"] not in PLACEMENTS:
-        raise bad("placement", f"must be one of {', '.join(map(repr, PLACEMENTS))}, got {data['placement']!r}")
-    if data["timestep_kind"] not in TIMESTEP_KINDS:
-        raise bad(
-            "timestep_kind", f"must be one of {', '.join(map(repr, TIMESTEP_KINDS))}, got {data['timestep_kind']!r}"
-        )
-    module = data["timestep_module"]
-    if module is not None and not isinstance(module, str):
-        raise bad("timestep_module", f'must be a dotted module name or "" (the model), got {module!r}')
-    arg = data["timestep_arg"]
-    if format1 and isinstance(arg, list):
-        if not all(_is_arg(a) for a in arg):
-            raise bad("timestep_arg", f"must list argument names or positions, got {arg!r}")
-        arg = tuple(arg)
-    elif arg is not None and not _is_arg(arg):
-        raise bad("timestep_arg", f"must be an argument name, a position >= 0 or null, got {arg!r}")
-    axis = data.get("channel_axis")
-    if axis is not None and (not _is_int(axis) or axis == 0):
-        raise bad("channel_axis", f"must be a non-zero int (an axis other than the batch axis) or null, got {axis!r}")
-    io = data.get("io") or {}
-    if not isinstance(io, dict):
-        raise bad("io", f"must map block class names to {{input, output, channel_axis}}, got {io!r}")
-    block_io = {}
-    for name, fields in io.items():
-        try:
-            block_io[name] = BlockIO(**fields)
-        except (TypeError, ValueError) as e:
-            raise bad(
-                f"io.{name}",
-                f"must be an object with keys among {', '.join(f.name for f in dataclasses.fields(BlockIO))}: {e}",
-            ) from None
-    adapter = data.get("adapter", "custom")
-    return SavedRouting(
-        config,
-        tuple(blocks),
-        data["placement"],
-        block_io,
-        module or "",
-        arg,
-        data["timestep_kind"],
-        axis,
-        adapter if isinstance(adapter, str) else "custom",
-        prefix,
+def read_routing(data: Any, where: str, prefix: str | None = None) -> tuple[RoutingConfig, RoutingSpec]:
+    """``{"config": ..., "spec": ...}`` (``Routing.to_dict()``) as its two values."""
+    if not isinstance(data, Mapping) or set(data) != {"config", "spec"}:
+        raise ValueError(f"{where}: a routing is a JSON object with keys 'config' and 'spec', got {data!r:.120}")
+    p = f"{prefix}." if prefix else ""
+    return (
+        RoutingConfig.from_dict(data["config"], f"{where}: key '{p}config'"),
+        RoutingSpec.from_dict(data["spec"], f"{where}: key '{p}spec'"),
     )
 
 
-#################################################################################
-#                                    Helpers                                     #
-#################################################################################
-
-
-def _dotted(prefix: str | None, key: str) -> str:
-    return f"{prefix}.{key}" if prefix else key
-
-
-def _check_object(data: Any, where: str, prefix: str | None) -> None:
-    if not isinstance(data, dict):
-        what = f"key {prefix!r}" if prefix else "the file"
-        raise ValueError(f"{where}: {what} must be a JSON object, got {type(data).__name__} {data!r:.80}")
-
-
-def _check_keys(data: dict, where: str, prefix: str | None, required: tuple, optional: tuple) -> None:
-    missing = [k for k in required if k not in data]
-    if missing:
+def _version(record: Any, where: str) -> int:
+    if not isinstance(record, Mapping):
+        raise ValueError(f"{where}: key {KEY!r} must be a JSON object, got {type(record).__name__} {record!r:.80}")
+    version = record.get("format_version")
+    if version != FORMAT_VERSION and version not in RECORD_FORMATS:
+        known = ", ".join(map(str, (*RECORD_FORMATS, FORMAT_VERSION)))
         raise ValueError(
-            f"{where}: key {_dotted(prefix, missing[0])!r} is missing (a saved routing has {', '.join(required)})"
+            f"{where}: key '{KEY}.format_version' is {version!r}, and this dtr reads format_version {known} "
+            f"(written by dtr {record.get('dtr_version', '?')}): install a dtr that reads it"
         )
-    unknown = sorted(k for k in data if k not in required + optional)
-    if unknown:
-        raise ValueError(
-            f"{where}: key {_dotted(prefix, unknown[0])!r} is not one this dtr knows (it reads "
-            f"{', '.join(required + optional)}): a newer dtr wrote it, or it was edited"
-        )
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_arg(value: Any) -> bool:
-    return (isinstance(value, str) and bool(value)) or (_is_int(value) and value >= 0)
+    return version

@@ -2,7 +2,7 @@
 
 ``Routing`` builds one ``Runtime`` for the model and one small behaviour per module it touches (the model's
 call, the timestep module, each routed block), and attaches them with ``mechanism.attach_all``.  A model with a
-diffusers config also gets the routing's record in it (``record``), so that diffusers' own saves write it.
+diffusers config also gets the routing's record in it (``record``), so that its own saves write it.
 """
 
 from __future__ import annotations
@@ -14,22 +14,19 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from .entry import ModelCall, TimestepCapture, leave_compiled, locate_timestep, plant
+from .legacy import V01_HOOKS, unpickle_hooks_01
 from .masks import active_channels, task_masks
 from .mechanism import attach_all, behaviour_of, check_attachable, detach_all
 from .placements import Gate, Residual, declared_width
 from .record import attach_record, detach_record
 from .runtime import Runtime
 from .spec import RoutedModule, RoutingConfig, RoutingSpec
-from .timesteps import ModelCall, TimestepCapture, locate_timestep, plant
-
-# Names of the hook methods whole-model pickles of dtr 0.1 refer to (see Routing.__getattr__).
-_V01_HOOKS = frozenset(
-    {"_capture", "_release", "_residual_pre", "_residual_post", "_gate", "_anchor_pre", "_anchor_post"}
-)
 
 
 class Routing:
-    """The handle ``dtr.wrap`` returns: the routing's config, its modules, ``summary()`` and ``remove()``.
+    """The handle ``dtr.wrap`` returns: the routing's ``config`` and ``spec``, its modules, ``summary()`` and
+    ``remove()``.
 
     Copies of the model (``copy.deepcopy`` for an EMA, ``torch.save``) carry a copy of the handle and
     route by their own inputs.
@@ -49,24 +46,26 @@ class Routing:
         ]
         sources = [p[2].source for p in parts if getattr(p[2], "source", None) is not None]
         parts += [(s.name, modules[s.name], s) for s in sources]  # the children a block's stream starts from
+        if spec.timestep_module:
+            parts.append((spec.timestep_module, modules[spec.timestep_module], None))
+        _check_roles(parts)
         image = _image_arg(model, spec)
         if spec.timestep_module:
             capture = modules[spec.timestep_module]
             where = locate_timestep(capture, spec.timestep_arg, "(timestep_module)")
-            parts.append((spec.timestep_module, capture, TimestepCapture(self.runtime, spec.timestep_module, where)))
+            parts[-1] = (spec.timestep_module, capture, TimestepCapture(self.runtime, spec.timestep_module, where))
             entry = ModelCall(self.runtime, self, None, {}, image)
         else:
             entry = ModelCall(self.runtime, self, locate_timestep(model, spec.timestep_arg, ""), {}, image)
         for name, _, behaviour in parts:
             plant(entry.tree, name, behaviour)
         parts.insert(0, ("", model, entry))
-        _check_roles(parts)
-        for name, module, behaviour in parts:
-            check_attachable(module, name, behaviour)
+        for name, module, _ in parts:
+            check_attachable(module, name)
         attach_all([(module, behaviour) for _, module, behaviour in parts])
         self._modules = [module for _, module, _ in parts]
         try:
-            attach_record(model, self.config)
+            attach_record(model, self)
         except BaseException:  # all or nothing: the modules go back, the config is as it was
             detach_all(self._modules)
             self._modules = []
@@ -85,6 +84,7 @@ class Routing:
         if not self._modules:
             return  # removed already: the model may be routed again by another handle, whose record stays
         detach_all(self._modules)
+        leave_compiled(self.model.modules())
         self._modules = []
         detach_record(self.model)
 
@@ -94,31 +94,22 @@ class Routing:
         return bool(self._modules)
 
     @property
-    def routing_config(self) -> RoutingConfig:
-        """The routing's numbers (sharing ratio, alpha, method, tasks, seed)."""
+    def config(self) -> RoutingConfig:
+        """The routing's numbers (sharing ratio, alpha, method, tasks, seed, task axis)."""
         return self.runtime.config
 
-    @property
-    def config(self) -> dict:
-        """Everything needed to route an unrouted copy of the model the same way (JSON-serialisable)."""
-        s = self.spec
-        return dict(
-            **self.runtime.config.to_dict(),
-            blocks=list(s.blocks),
-            placement=s.placement,
-            io={name: io.to_dict() for name, io in sorted(s.io.items())},
-            timestep_module=s.timestep_module,
-            timestep_arg=s.timestep_arg,
-            timestep_kind=s.timestep_kind,
-            adapter=s.adapter,
-        )
+    def to_dict(self) -> dict:
+        """Everything needed to route an unrouted copy of the model the same way (JSON-serialisable):
+        ``{"config": RoutingConfig.to_dict(), "spec": RoutingSpec.to_dict()}``, for ``dtr.wrap_from_config``."""
+        return {"config": self.config.to_dict(), "spec": self.spec.to_dict()}
 
-    # for the 0.2 names of the numbers
+    # the numbers, one by one
     sharing_ratio = property(lambda self: self.runtime.config.sharing_ratio)
     alpha = property(lambda self: self.runtime.config.alpha)
     method = property(lambda self: self.runtime.config.method)
     num_tasks = property(lambda self: self.runtime.config.num_tasks)
     seed = property(lambda self: self.runtime.config.seed)
+    task_axis = property(lambda self: self.runtime.config.task_axis)
 
     def masks(self, channels: int, block: int = 0) -> torch.Tensor:
         """The (T, C) mask table this routing applies at width ``channels`` (for inspection and plots)."""
@@ -136,12 +127,12 @@ class Routing:
     def summary(self) -> str:
         """A few lines saying what is routed, how, and where the timestep is read."""
         c, s = self.runtime.config, self.spec
-        entry = behaviour_of(self.model)
-        where = entry.timestep if entry is not None and entry.timestep is not None else None
+        where = getattr(behaviour_of(self.model), "timestep", None)
         reads = where.describe() if where is not None else f"the call of {s.timestep_module!r}"
+        axis = "" if c.task_axis == "linear" else f", task_axis={c.task_axis}"
         lines = [
             f"DTR routing ({s.adapter} adapter): method={c.method}, sharing_ratio={c.sharing_ratio}, "
-            f"alpha={c.alpha}, num_tasks={c.num_tasks}" + (f", seed={c.seed}" if c.method == "random" else ""),
+            f"alpha={c.alpha}, num_tasks={c.num_tasks}" + (f", seed={c.seed}" if c.method == "random" else "") + axis,
             f"  timestep: {reads} ({s.timestep_kind})",
             f"  {len(self.routed)} {s.placement} modules: {_abbreviate([r.name for r in self.routed])}",
         ]
@@ -167,12 +158,8 @@ class Routing:
         )
 
     def __getattr__(self, name: str):
-        if name in _V01_HOOKS:  # unpickling a whole model saved by dtr 0.1, whose hooks were bound methods
-            raise RuntimeError(
-                "this model was pickled whole by dtr 0.1, whose forward hooks this dtr no longer has: load it with "
-                "dtr 0.1, save model.state_dict() (routing adds no keys), then build the model, load_state_dict "
-                "and dtr.wrap it"
-            )
+        if name in V01_HOOKS:  # unpickling a whole model saved by dtr 0.1, whose hooks were bound methods
+            unpickle_hooks_01()
         raise AttributeError(name)
 
 
@@ -203,9 +190,11 @@ def _image_arg(model: nn.Module, spec: RoutingSpec):
 
 
 def _check_roles(parts: list) -> None:
+    """Each module has one role: the timestep module is not a routed block (nor the model), and no module is
+    routed twice."""
     seen: dict[int, tuple[str, str]] = {}
     for name, module, behaviour in parts:
-        role = type(behaviour).__name__
+        role = "the timestep module" if behaviour is None else f"a {type(behaviour).__name__.lower()} module"
         if id(module) in seen:
             other, other_role = seen[id(module)]
             raise ValueError(

@@ -1,247 +1,149 @@
-"""Where a call's timestep enters: the behaviours of the model (one ``Call`` per model call) and of the module
-the timestep enters, when that is not the model (``timestep_module=``).
+"""Timestep conventions: what the timestep a model receives means, and which of the T tasks it is.
 
-The timestep argument is declared by name (or position) and located in the ``forward`` signature once, at
-wrap; every error about it names the argument that was read.
+Models pass their timestep in one of four conventions (``timestep_kind``): DDPM step indices or ``sigma * 1000``
+(``"index"``), the same reversed (``"index_reversed"``, T = data), a noise level in [0, 1] (``"unit"``, 0 = data:
+flow matching's sigma) or its reverse (``"unit_reversed"``, SiT's t, 1 = data).  ``task_axis`` says how a
+timestep becomes one of the T tasks: ``"linear"`` in the timestep (the paper's DDPM tasks, and the default for
+every kind), or ``"logsnr"``: a flow noise level s goes to the DDPM task of equal log-SNR, so that a flow model's
+s = 0.5 (SNR 1) uses the channels a DDPM model uses at SNR 1.
 """
 
 from __future__ import annotations
 
-import copy
-import inspect
-from collections.abc import Callable
-from dataclasses import dataclass
+import functools
 from typing import Any
 
+import numpy as np
 import torch
-from torch import nn
 
-from ._compat import is_compiling
-from .calls import Call, checkpoint_region
-from .mechanism import ATTR
-from .runtime import Runtime
-from .spec import TIMESTEP_NAMES, ImageTokens
+from . import policy
+from ._compat import assume_constant_result
+
+# Floats a scheduler's rounding puts just outside the range (Sana-Sprint's first sigma is 1.0000037) count as its
+# end: a relative slack this small never moves a timestep by a task.
+FLOAT_SLACK = 1e-4
 
 
-@dataclass(frozen=True)
-class TimestepArg:
-    """A timestep argument of a module's ``forward``: its keyword and its position (either may be None)."""
+def timesteps_to_tasks(t: Any, num_tasks: int, kind: str = "index", task_axis: str = "linear") -> torch.Tensor:
+    """Map the timesteps a model receives to task indices in [0, T), checking the range.
 
-    name: str | None
-    position: int | None
-    owner: str  # "DiT.forward", for messages
-    role: str = "timestep"  # what the argument is, for messages ("timestep", or "image tokens" for ImageTokens.arg)
-
-    def describe(self) -> str:
-        parts = [repr(self.name)] if self.name is not None else []
-        if self.position is not None:
-            parts.append(f"position {self.position}")
-        return f"argument {' at '.join(parts)} of {self.owner}"
-
-    def read(self, args: tuple, kwargs: dict) -> Any:
-        if self.name is not None and self.name in kwargs:
-            return kwargs[self.name]
-        if self.position is not None and self.position < len(args):
-            return args[self.position]
-        hint = "; pass timestep_arg= (a name or position)" if self.role == "timestep" else ""
+    ``"index"``: DDPM timesteps, ints or floats in [0, T] (floats from Euler/Karras schedulers and sigma*1000
+    are rounded to the nearest task; flow matching's ``T`` itself is task T-1); ``"index_reversed"``: floats
+    or ints in [0, T] with T = data (Mochi's (1 - sigma) * 1000).
+    ``"unit"``: continuous t in [0, 1], 0 = data (flow matching's sigma); ``"unit_reversed"``: 1 = data (SiT,
+    Lumina's 1 - sigma).  Floats within ``FLOAT_SLACK`` of the range count as its end.
+    ``task_axis="logsnr"`` reads the timestep as a flow noise level s (s = t / T for the index kinds) and
+    returns the task of the DDPM linear schedule (DiT's, over T steps) whose log-SNR is nearest to
+    log(((1 - s) / s) ** 2).
+    Accepts a scalar, one timestep per sample (B,), or one per token (B, N); returns long task indices of
+    the same shape.
+    """
+    if isinstance(t, (bool, np.bool_)) or not isinstance(t, (torch.Tensor, int, float, np.integer, np.floating)):
+        raise TypeError(f"timestep must be a tensor, an int or a float, got {type(t).__name__}")
+    t = torch.as_tensor(t)
+    if t.ndim > 2:
         raise ValueError(
-            f"dtr: no {self.role} argument in this call of {self.owner}: dtr reads {self.describe()}, and the call "
-            f"had {len(args)} positional arguments and keywords {sorted(kwargs)}{hint}"
+            f"timesteps must be a scalar, one per sample (batch,) or one per token (batch, tokens), "
+            f"got shape {tuple(t.shape)}"
         )
+    if t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"timesteps must be integer or floating point, got {t.dtype}")
+    if not t.dtype.is_floating_point:
+        t = t.long()  # uint8/int16 timesteps: compare and index in int64, where T fits
+    unit = kind in ("unit", "unit_reversed")
+    hi = 1 if unit else num_tasks
+    _check_range(t, hi, kind)
+    if t.dtype.is_floating_point:
+        t = t.clamp(0, hi)  # only the slack moves
+    if task_axis == "logsnr":
+        return _logsnr_tasks(_noise_level(t, num_tasks, kind), num_tasks)
+    if kind == "index":
+        if t.dtype.is_floating_point:
+            return torch.round(t).long().clamp_(max=num_tasks - 1)  # only t in (T - 0.5, T] moves: it is task T-1
+        return t
+    if kind == "index_reversed":  # T - t is an "index" timestep
+        return torch.round(num_tasks - t).long().clamp_(max=num_tasks - 1)
+    u = _wide(t)
+    if kind == "unit_reversed":
+        u = 1.0 - u
+    return torch.round(u * (num_tasks - 1)).long()
 
 
-def locate_timestep(module: nn.Module, arg: str | int | None, where: str) -> TimestepArg:
-    """The timestep argument of ``module``'s forward: ``arg`` (a name or position), or the first parameter named
-    like a timestep (``t``, ``timestep``, ``timesteps``); refused at wrap when there is none."""
-    forward = type(module).forward
-    owner = f"{type(module).__name__}.forward"
-    try:
-        params = list(inspect.signature(forward).parameters.values())[1:]
-    except (TypeError, ValueError):
-        params = None
-    if params is None:
-        if arg is None:
-            raise ValueError(f"dtr cannot read the signature of {owner}: pass timestep_arg= (a name or position)")
-        return TimestepArg(arg if isinstance(arg, str) else None, arg if isinstance(arg, int) else None, owner)
-    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    positional = [p.name for p in params if p.kind in kinds]
-    keywords = [p.name for p in params if p.kind is not inspect.Parameter.VAR_POSITIONAL]
-    open_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
-    shown = f"{owner}({', '.join(p.name for p in params)})"
-    if arg is None:
-        found = [n for n in TIMESTEP_NAMES if n in keywords]
-        if not found:
-            raise ValueError(
-                f"dtr cannot tell which argument of {shown} {where} is the timestep (none is named "
-                f"{' or '.join(TIMESTEP_NAMES)}): pass timestep_arg= (its name or position)"
-            )
-        arg = found[0]
-    if isinstance(arg, str):
-        if arg not in keywords and not open_kwargs:
-            raise ValueError(f"timestep_arg {arg!r} is not an argument of {shown}")
-        return TimestepArg(arg, positional.index(arg) if arg in positional else None, owner)
-    if isinstance(arg, bool) or not isinstance(arg, int) or arg < 0:
-        raise TypeError(f"timestep_arg must be an argument name or a position >= 0, got {arg!r}")
-    if arg >= len(positional) and not any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params):
-        raise ValueError(f"timestep_arg {arg} is not a position of {shown} (it takes {len(positional)})")
-    return TimestepArg(positional[arg] if arg < len(positional) else None, arg, owner)
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float64 (float32 on MPS, which has no float64)."""
+    return t.double() if t.device.type != "mps" else t.float()
 
 
-def read_tasks(runtime: Runtime, timestep: TimestepArg, args: tuple, kwargs: dict) -> torch.Tensor:
-    """The task indices of the timestep argument of a call; errors say which argument was read."""
-    value = timestep.read(args, kwargs)
-    try:
-        return runtime.tasks_from(value)
-    except (TypeError, ValueError) as e:
-        got = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
-        raise type(e)(
-            f"{e} (dtr read the timestep from {timestep.describe()}: {got}; if that is not the "
-            "timestep, pass timestep_arg=)"
-        ) from None
+def _check_range(t: torch.Tensor, hi: float, kind: str) -> None:
+    """Fail on timesteps outside [0, hi] (integer DDPM indices: [0, hi)); asynchronously on accelerators.
 
-
-class ModelCall:
-    """The routed model: each of its calls owns a ``Call`` holding that call's tasks.
-
-    Both ``model(...)`` and a direct ``model.forward(...)`` (facebookresearch/DiT's ``forward_with_cfg``) open a
-    call; the forward that ``model(...)`` runs joins the call it opened.  Before each eager call it checks that
-    every routed module is still in the model (a module replaced after wrap would run unrouted).
+    On CUDA the check is a device-side assert (no host sync on the hot path): it fails the next
+    synchronising call and ends the CUDA context, as any device assert does.  Under torch.func transforms the
+    values are checked on the tensor the transforms wrap (vmap: all samples at once).
     """
-
-    intercepts_forward = True
-
-    def __init__(
-        self,
-        runtime: Runtime,
-        routing: Any,
-        timestep: TimestepArg | None,
-        tree: dict,
-        image: tuple[TimestepArg, ImageTokens] | None = None,
-    ):
-        self.runtime = runtime  # first: a deepcopy copies it before the routing (see __deepcopy__)
-        self.routing = routing  # the user's handle, for dtr.routing_of
-        self.timestep = timestep  # None: the timestep module gives the tasks
-        self.tree = tree  # {child name: subtree or the routed module's behaviour}, the routed modules' places
-        self.image = image  # where a call's image token count is read (RoutingSpec.image_tokens), or None
-
-    def copies_with(self, memo: dict) -> bool:
-        return True  # a copy of the model is a routed model (an EMA made with copy.deepcopy routes by its own inputs)
-
-    def __deepcopy__(self, memo: dict) -> ModelCall:
-        new = ModelCall.__new__(ModelCall)
-        memo[id(self)] = new
-        for key, value in self.__dict__.items():  # runtime first: the blocks copied below look for it in memo
-            new.__dict__[key] = copy.deepcopy(value, memo)
-        return new
-
-    def call(self, module: nn.Module, call_impl: Callable, args: tuple, kwargs: dict) -> Any:
-        return self._run(module, call_impl, args, kwargs, entered=False)
-
-    def forward(self, module: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
-        call = self.runtime.calls.current()
-        if call is not None and call.owner is module and not call.entered:
-            call.entered = True  # the forward of the call opened by module(...)
-            return forward(module, *args, **kwargs)
-        return self._run(module, forward, args, kwargs, entered=True)  # forward() called directly: a call of its own
-
-    def _run(self, module: nn.Module, fn: Callable, args: tuple, kwargs: dict, entered: bool) -> Any:
-        if torch._C._get_tracing_state() is not None:
-            raise TypeError("dtr routing cannot be traced by torch.jit.trace: use torch.compile or torch.export")
-        if isinstance(args, torch.fx.Proxy) or any(isinstance(a, torch.fx.Proxy) for a in (*args, *kwargs.values())):
-            raise TypeError("dtr routing cannot be traced symbolically by torch.fx: use torch.compile or torch.export")
-        check_places(module, self.tree)
-        tasks = None if self.timestep is None else read_tasks(self.runtime, self.timestep, args, kwargs)
-        image_tokens = None if self.image is None else self.image[1].count(self.image[0].read(args, kwargs))
-        calls = self.runtime.calls
-        outer = calls.current()
-        try:
-            calls.push(tasks, owner=module, entered=entered).image_tokens = image_tokens
-            return fn(module, *args, **kwargs)
-        finally:
-            calls.restore(outer)
+    if t.device.type == "meta":  # no values to check
+        return
+    values = policy.plain_values(t)
+    if kind == "index" and not t.dtype.is_floating_point:
+        ok = (values >= 0) & (values < hi)
+        allowed = f"[0, {hi}) (integer DDPM timesteps)"
+    elif not t.dtype.is_floating_point:
+        ok = (values >= 0) & (values <= hi)
+        allowed = f"[0, {hi}] (timestep_kind={kind!r})"
+    else:
+        slack = FLOAT_SLACK * hi
+        ok = (values >= -slack) & (values <= hi + slack)  # NaN fails too
+        allowed = f"[0, {hi}]" + (" (float DDPM timesteps)" if kind == "index" else f" (timestep_kind={kind!r})")
+    if not policy.checks_values_now(values):
+        torch._assert_async(ok.all(), f"dtr: timesteps outside {allowed}")
+    elif not bool(ok.all()):
+        bad = values[~ok].flatten()[:5].tolist()
+        hint = ""
+        if kind == "index" and any(v >= hi for v in bad):
+            hint = "; a schedule with more training steps needs dtr.wrap(..., num_tasks=<its num_train_timesteps>)"
+        raise ValueError(f"timesteps must be in {allowed}; got {bad}{hint}")
 
 
-class TimestepCapture:
-    """The module the timestep enters (``timestep_module=``): its call gives the model's call its tasks, once."""
-
-    intercepts_forward = False
-
-    def __init__(self, runtime: Runtime, name: str, timestep: TimestepArg):
-        self.runtime = runtime
-        self.name = name
-        self.timestep = timestep
-
-    def copies_with(self, memo: dict) -> bool:
-        return id(self.runtime) in memo
-
-    def call(self, module: nn.Module, call_impl: Callable, args: tuple, kwargs: dict) -> Any:
-        call = self.runtime.calls.current()
-        if call is not None and call.owner is not None and not _recomputing():
-            self._capture(call, args, kwargs)
-        return call_impl(module, *args, **kwargs)
-
-    def _capture(self, call: Call, args: tuple, kwargs: dict) -> None:
-        if call.captured:
-            raise RuntimeError(
-                f"dtr: timestep_module {self.name!r} was called twice in one call of the model, so dtr cannot tell "
-                "which call carries the timestep: point timestep_module at a module called once per model call"
-            )
-        call.tasks = read_tasks(self.runtime, self.timestep, args, kwargs)
-        call.masks = {}
-        call.captured = True
+#################################################################################
+#                        The log-SNR axis (flow noise levels)                    #
+#################################################################################
 
 
-def _recomputing() -> bool:
-    """Whether an eager checkpoint region is being recomputed in this thread (its timestep was read already)."""
-    return not is_compiling() and torch.is_grad_enabled() and checkpoint_region()[1]
+def _noise_level(t: torch.Tensor, num_tasks: int, kind: str) -> torch.Tensor:
+    """The flow noise level s in [0, 1] (0 = data) a timestep of ``kind`` stands for, in float64."""
+    u = _wide(t)
+    if kind in ("index", "index_reversed"):
+        u = u / num_tasks
+    return 1.0 - u if kind in ("index_reversed", "unit_reversed") else u
 
 
-def plant(tree: dict, name: str, behaviour: Any) -> None:
-    """Record ``behaviour`` at the dotted ``name`` in a tree of child names (``ModelCall.tree``; key "" = here)."""
-    for key in name.split("."):
-        tree = tree.setdefault(key, {})
-    tree[""] = behaviour
+def _logsnr_tasks(s: torch.Tensor, num_tasks: int) -> torch.Tensor:
+    """The DDPM task whose log-SNR is nearest to that of noise level s: a search among the T - 1 boundaries,
+    written in s (so that s = 0 and s = 1, log-SNR +-inf, need no special case)."""
+    if policy.compiling():  # a constant of the graph, computed by numpy at trace time
+        bounds = torch.tensor(_bounds_tuple(num_tasks), dtype=s.dtype, device=s.device)
+    else:
+        bounds = torch.from_numpy(logsnr_boundaries(num_tasks)).to(s.device, s.dtype)
+    return torch.searchsorted(bounds, s.contiguous(), right=False)
 
 
-def check_places(module: nn.Module, tree: dict, prefix: str = "") -> None:
-    """Raise if a routed module is no longer where it was wrapped: a module put in its place would run unrouted.
+@functools.lru_cache(maxsize=8)
+def logsnr_boundaries(num_tasks: int) -> np.ndarray:
+    """Noise levels s where the nearest DDPM task (by log-SNR) changes from t to t + 1, ascending (T - 1 values).
 
-    One dict lookup per routed module and level.  A wrapper put around a routed module (a checkpoint wrapper,
-    FSDP1, torch.compile's OptimizedModule) still runs it routed: the tree then follows the path inside it.
+    The DDPM schedule is DiT's linear one over T steps: betas from 1e-4 to 0.02 scaled by 1000 / T, SNR_t =
+    abar_t / (1 - abar_t); a flow path x_s = (1 - s) x0 + s eps has SNR ((1 - s) / s) ** 2.
     """
-    children = module._modules
-    for key, node in tree.items():
-        if key == "":
-            continue
-        child = children.get(key)
-        behaviour = node.get("")
-        if child is None or (behaviour is not None and getattr(child, ATTR, None) is not behaviour):
-            inside = None if behaviour is None else _path_inside(child, node)
-            if inside is None:
-                _replaced(prefix + key, child)
-            tree[key] = inside
-        elif len(node) > (behaviour is not None):
-            check_places(child, node, f"{prefix}{key}.")
+    scale = 1000 / num_tasks
+    betas = np.linspace(scale * 1e-4, scale * 0.02, num_tasks, dtype=np.float64)
+    abar = np.cumprod(1.0 - betas)
+    logsnr = np.log(abar) - np.log1p(-abar)  # decreasing in t
+    mid = (logsnr[:-1] + logsnr[1:]) / 2
+    bounds = 1.0 / (1.0 + np.exp(mid / 2))  # log-SNR = 2 log((1 - s) / s)  <=>  s = 1 / (1 + exp(logsnr / 2))
+    bounds.setflags(write=False)
+    return bounds
 
 
-def _path_inside(wrapper: nn.Module | None, node: dict) -> dict | None:
-    """A tree leading from ``wrapper`` to the module that holds ``node``'s behaviour (with ``node``'s routed
-    children below it, e.g. a block's ``BlockIO.source``), or None."""
-    for name, module in () if wrapper is None else wrapper.named_modules():
-        if name and module.__dict__.get(ATTR) is node[""]:
-            tree: dict = {}
-            *parents, last = name.split(".")
-            branch = tree
-            for key in parents:
-                branch = branch.setdefault(key, {})
-            branch[last] = node
-            return tree
-    return None
-
-
-def _replaced(name: str, child: nn.Module | None) -> None:
-    now = "removed" if child is None else f"replaced by a {type(child).__name__} that does not hold it"
-    raise RuntimeError(
-        f"dtr: routed module {name!r} was {now} after dtr.wrap, so that part of the model would run unrouted: "
-        "call dtr.unwrap(model) and dtr.wrap(model) again after changing the model's modules"
-    )
+@assume_constant_result
+def _bounds_tuple(num_tasks: int) -> tuple:
+    return tuple(logsnr_boundaries(num_tasks).tolist())

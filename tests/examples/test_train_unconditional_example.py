@@ -57,12 +57,14 @@ def call(model, seed=0):
         return model.eval()(torch.randn(4, 1, 16, 16, generator=g), torch.tensor([0, 999, 500, 37])).sample
 
 
-def test_trains_resumes_exactly_and_reloads_the_pipeline_routed(tmp_path):
+def test_trains_resumes_exactly_and_reloads_the_pipeline_routed(tmp_path, caplog):
     full = example.main(ARGS + ["--output_dir", str(tmp_path / "full")])
     assert full["global_step"] == 6
     for folder in ("checkpoint-3/unet", "checkpoint-3/unet_ema", "checkpoint-6/unet_ema", "unet"):
-        record = json.loads((tmp_path / "full" / folder / "config.json").read_text())["dtr_routing"]
-        assert record["routing"] == full["routing"].config, folder
+        saved = json.loads((tmp_path / "full" / folder / "config.json").read_text())
+        assert saved["dtr_routing"]["config"] == full["routing"].config.to_dict(), folder
+        assert saved["dtr_routing"]["spec"] == full["routing"].spec.to_dict(), folder
+        assert saved["dtr_routing_seal"], folder  # written by a routed model's save (the EMA's included)
     assert (tmp_path / "full" / "samples.png").is_file()
 
     # the saved pipeline is routed and is the trained EMA model
@@ -78,10 +80,13 @@ def test_trains_resumes_exactly_and_reloads_the_pipeline_routed(tmp_path):
 
     # resumed from checkpoint-3 in another folder: the same weights, EMA and saved pipeline, bit for bit
     resumed_dir = tmp_path / "resumed"
+    caplog.clear()
     resumed = example.main(
         ARGS + ["--output_dir", str(resumed_dir), "--resume_from_checkpoint", str(tmp_path / "full" / "checkpoint-3")]
     )
     assert resumed["global_step"] == 6
+    # every load of the resume is routed: diffusers' plain-load warning about the record is never printed
+    assert not [r for r in caplog.records if "dtr_routing" in r.getMessage()]
     for (name, a), b in zip(full["unet"].state_dict().items(), resumed["unet"].state_dict().values()):
         assert torch.equal(a, b), name
     for a, b in zip(full["ema"].shadow_params, resumed["ema"].shadow_params):
