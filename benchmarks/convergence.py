@@ -4,11 +4,17 @@
     python benchmarks/convergence.py --arms constant:1.0 constant:0.8 --seeds 0 1 2 3 --steps 2000 4000 8000
     python benchmarks/convergence.py --report                     # tables and plot from every finished run
 
-An arm is ``<loss_weight_type>:<sharing_ratio>[:random]`` (``constant:1.0`` is the baseline,
-``uw:0.8`` ANT-UW + DTR, ``constant:0.8:random`` random routing). Every run goes through the
-recipe's own train.py, sample_ddp.py and evaluate.py (data=digits). Arms are paired by seed: the
-same seed gives the same initial weights, batches, timesteps, training noise, sampling noise and
-sampled labels in every arm, so per-seed differences measure routing, not luck. Each finished run
+An arm is ``<loss_weight_type>:<sharing_ratio>[:random|:logsnr]`` (``constant:1.0`` is the baseline,
+``uw:0.8`` ANT-UW + DTR, ``constant:0.8:random`` random routing, ``constant:0.8:logsnr`` DTR with
+tasks by log-SNR, models.routing.task_axis=logsnr). ``--path flow`` trains every arm with the recipe's
+flow path (SiT's linear interpolant, general.path=flow) and samples with ``--sampler`` (default heun2):
+
+    python benchmarks/convergence.py --path flow --sampling-steps 51 --arms constant:1.0 constant:0.8 \
+        min_snr_5:1.0 min_snr_5:0.8 uw:1.0 uw:0.8 constant:0.8:logsnr --seeds 0 1 2
+
+Every run goes through the recipe's own train.py, sample_ddp.py and evaluate.py (data=digits). Arms
+are paired by seed: the same seed gives the same initial weights, batches, timesteps, training noise,
+sampling noise and sampled labels in every arm, so per-seed differences measure routing, not luck. Each finished run
 is a JSON file under --out; runs already there are skipped, so the grid can run in parts.
 """
 
@@ -35,6 +41,8 @@ PINNED = [
     "general.global_batch_size=64",
 ]
 SETTING_KEYS = (
+    ("general", "path"),
+    ("eval", "sampler"),
     ("models", "name"),
     ("optim", "lr"),
     ("optim", "ema_decay"),
@@ -44,27 +52,31 @@ SETTING_KEYS = (
     ("eval", "num_fid_samples"),
     ("eval", "num_sampling_steps"),
 )
+# Settings of runs made before the key existed (every run then was a DDPM one).
+LEGACY_SETTINGS = {("general", "path"): "ddpm", ("eval", "sampler"): "ddpm"}
 LOWER_IS_BETTER = {"fid"}
+DEFAULT_SAMPLER = {"ddpm": "ddpm", "flow": "heun2"}
 
 
 def arm_overrides(arm):
     """``constant:0.8`` -> the recipe's keys for that arm."""
     parts = arm.split(":")
-    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "random"):
-        raise SystemExit(f"--arms: {arm!r} is not <loss_weight_type>:<sharing_ratio>[:random]")
-    method = "random" if len(parts) == 3 else "DTR"
-    return [
+    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] not in ("random", "logsnr")):
+        raise SystemExit(f"--arms: {arm!r} is not <loss_weight_type>:<sharing_ratio>[:random|:logsnr]")
+    variant = parts[2] if len(parts) == 3 else None
+    keys = [
         f"general.loss_weight_type={parts[0]}",
         f"models.routing.sharing_ratio={parts[1]}",
-        f"models.routing.init_method={method}",
+        f"models.routing.init_method={'random' if variant == 'random' else 'DTR'}",
     ]
+    return keys + (["models.routing.task_axis=logsnr"] if variant == "logsnr" else [])
 
 
 def run_name(arm, seed):
     return f"{arm.replace(':', '_')}_seed{seed}"
 
 
-def run_one(arm, seed, steps, scales, num_samples, sampling_steps, extra, workdir, out_path):
+def run_one(arm, seed, steps, scales, num_samples, sampling_steps, extra, workdir, out_path, path="ddpm", sampler=None):
     """Train one arm for one seed, then sample and evaluate every checkpoint at every guidance scale."""
     import torch
 
@@ -83,6 +95,8 @@ def run_one(arm, seed, steps, scales, num_samples, sampling_steps, extra, workdi
             "data=digits",
             *PINNED,
             *arm_overrides(arm),
+            f"general.path={path}",
+            f"eval.sampler={sampler or DEFAULT_SAMPLER[path]}",
             f"general.global_seed={seed}",
             f"general.iterations={max(steps)}",
             f"logs.ckpt_every={every}",
@@ -127,7 +141,9 @@ def load_runs(out):
         with open(path) as f:
             r = json.load(f)
         runs[(r["arm"], r["seed"])] = r
-    settings = {tuple(r["config"][g][k] for g, k in SETTING_KEYS) for r in runs.values()}
+    settings = {
+        tuple(r["config"][g].get(k, LEGACY_SETTINGS.get((g, k))) for g, k in SETTING_KEYS) for r in runs.values()
+    }
     if len(settings) > 1:
         raise SystemExit(f"{out} mixes runs made with different settings {SETTING_KEYS}: {sorted(settings)}")
     return runs
@@ -146,15 +162,22 @@ def mean_sd(xs):
     return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else float("nan"))
 
 
-def paired_t_excludes_zero(diffs, level=0.95):
-    """Whether the paired t-interval of the mean difference excludes 0 (the seed spread allows a conclusion)."""
+def paired_t_interval(diffs, level=0.95):
+    """The Student-t interval (lo, hi) of the mean paired difference; (nan, nan) for fewer than 2 seeds."""
     from scipy.stats import t as student_t
 
     n = len(diffs)
     if n < 2:
-        return False
+        return float("nan"), float("nan")
     m, sd = mean_sd(diffs)
-    return abs(m) > student_t.ppf(0.5 + level / 2, n - 1) * sd / n**0.5
+    half = student_t.ppf(0.5 + level / 2, n - 1) * sd / n**0.5
+    return m - half, m + half
+
+
+def paired_t_excludes_zero(diffs, level=0.95):
+    """Whether the paired t-interval of the mean difference excludes 0 (the seed spread allows a conclusion)."""
+    lo, hi = paired_t_interval(diffs, level)
+    return lo > 0 or hi < 0
 
 
 def report(out):
@@ -183,8 +206,8 @@ def report(out):
                 lines.append(f"| {arm} | {len(seeds)} | {step} | {scale} | " + " | ".join(cells) + " |")
     lines.append(
         "\nPaired differences (arm − baseline of the same weighting, same seeds): mean ± sd, "
-        "and in how many seeds the arm is better; * where the paired 95 % t-interval of the mean "
-        "difference excludes 0.\n"
+        "in how many seeds the arm is better, and the paired 95 % t-interval of the mean difference; "
+        "* where it excludes 0.\n"
     )
     lines.append("| arm vs baseline | seeds | step | cfg | " + " | ".join(f"Δ{n}" for n in METRICS) + " |")
     lines.append("|---|---|---|---|" + "---|" * len(METRICS))
@@ -207,8 +230,11 @@ def report(out):
                     better = sum((x < 0) if name in LOWER_IS_BETTER else (x > 0) for x in d)
                     m, sd = mean_sd(d)
                     sig = paired_t_excludes_zero(d)
+                    lo, hi = paired_t_interval(d)
                     paired[arm, base, step, scale, name] = (m, sd, better, len(seeds), sig)
-                    cells.append(f"{m:+.3f} ± {sd:.3f} ({better}/{len(seeds)})" + (" *" if sig else ""))
+                    cells.append(
+                        f"{m:+.3f} ± {sd:.3f} ({better}/{len(seeds)}) [{lo:+.3f}, {hi:+.3f}]" + (" *" if sig else "")
+                    )
                 lines.append(f"| {arm} vs {base} | {len(seeds)} | {step} | {scale} | " + " | ".join(cells) + " |")
     text = "\n".join(lines)
     with open(os.path.join(out, "summary.md"), "w") as f:
@@ -228,10 +254,11 @@ def plot(runs, arms, paired, steps, scales, path):
     weightings = sorted({a.split(":")[0] for a in arms})
     color = {w: f"C{i}" for i, w in enumerate(weightings)}
 
-    def style(arm):  # colour: loss weighting; line: no routing / DTR / random routing
+    def style(arm):  # colour: loss weighting; line: no routing / DTR / random routing / DTR by log-SNR
+        lines = {"random": ":", "logsnr": "-."}
         return dict(
             color=color[arm.split(":")[0]],
-            linestyle="-" if arm == baseline_of(arm) else (":" if arm.endswith(":random") else "--"),
+            linestyle="-" if arm == baseline_of(arm) else lines.get(arm.split(":")[-1], "--"),
         )
 
     fig, axes = plt.subplots(len(scales), 3, figsize=(14, 3.2 * len(scales)), squeeze=False, dpi=110)
@@ -294,12 +321,17 @@ def main():
     p.add_argument("--num-samples", type=int, default=1000)
     p.add_argument("--sampling-steps", type=int, default=100)
     p.add_argument("--workers", type=int, default=2, help="runs in parallel, one core each")
-    p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "convergence"))
-    p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "convergence"), help="checkpoints and samples")
+    p.add_argument("--path", choices=["ddpm", "flow"], default="ddpm", help="general.path of every run")
+    p.add_argument("--sampler", default=None, help="eval.sampler (default: ddpm for DDPM, heun2 for flow)")
+    p.add_argument("--out", default=None, help="finished runs (default: benchmarks/results/convergence[_flow])")
+    p.add_argument("--workdir", default=None, help="checkpoints and samples (default: runs/convergence[_flow])")
     p.add_argument("--quick", action="store_true", help="constant:1.0 vs constant:0.8, 2 seeds, 600 steps, cfg 1.5")
     p.add_argument("--report", action="store_true", help="only summarise the finished runs")
     p.add_argument("extra", nargs="*", help="more recipe overrides (key=value) for every run")
     args = p.parse_args()
+    folder = "convergence" if args.path == "ddpm" else f"convergence_{args.path}"
+    args.out = args.out or os.path.join(ROOT, "benchmarks", "results", folder)
+    args.workdir = args.workdir or os.path.join(ROOT, "runs", folder)
     if args.quick:
         args.arms, args.seeds, args.steps, args.scales = ["constant:1.0", "constant:0.8"], [0, 1], [300, 600], [1.5]
         args.num_samples, args.sampling_steps = 500, 50
@@ -333,6 +365,8 @@ def main():
                 args.extra,
                 args.workdir,
                 os.path.join(args.out, run_name(arm, seed) + ".json"),
+                args.path,
+                args.sampler,
             )
             for arm, seed in jobs
         ]

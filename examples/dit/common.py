@@ -124,7 +124,11 @@ def build_model(cfg):
 
 
 def route(model, cfg):
-    """dtr.wrap the model as models.routing asks; sharing_ratio = 1.0 (the baseline) leaves it untouched."""
+    """dtr.wrap the model as models.routing asks; sharing_ratio = 1.0 (the baseline) leaves it untouched.
+
+    Under general.path=flow the model gets SiT's t in [0, 1] (1 = data): timestep_kind="unit_reversed", and
+    models.routing.task_axis=logsnr routes its noise level 1 - t to the DDPM task of equal log-SNR.
+    """
     if not config.is_routed(cfg):
         return None
     r = cfg.models.routing
@@ -135,6 +139,8 @@ def route(model, cfg):
         method=config.routing_method(cfg),
         num_tasks=r.taskcount,
         seed=r.seed,
+        task_axis=str(r.task_axis),
+        timestep_kind="unit_reversed" if config.is_flow(cfg) else None,
     )
 
 
@@ -201,7 +207,10 @@ def vae_scaling_factor(vae):
 
 
 def sample(model, diffusion, z, y, cfg, generator):
-    """Denoise noise z (n, C, s, s) for labels y (n,), with classifier-free guidance when eval.cfg_scale > 1."""
+    """Denoise noise z (n, C, s, s) for labels y (n,), with classifier-free guidance when eval.cfg_scale > 1.
+
+    `diffusion` is sampling_diffusion(cfg)'s: DDPM's loop (drawing from generator), or flow's ODE (deterministic).
+    """
     using_cfg = cfg.eval.cfg_scale > 1.0 and cfg.data.num_classes > 1
     if using_cfg:
         z = torch.cat([z, z], 0)
@@ -211,9 +220,13 @@ def sample(model, diffusion, z, y, cfg, generator):
     else:
         kwargs = dict(y=y)
         fn = model.forward
-    loop = diffusion.ddim_sample_loop if cfg.eval.sampler == "ddim" else diffusion.p_sample_loop
+    e = cfg.eval
     with autocast(cfg.general.mixed_precision, z.device):
-        out = loop(fn, z.shape, z, clip_denoised=False, model_kwargs=kwargs, device=z.device, generator=generator)
+        if config.is_flow(cfg):
+            out = diffusion.sample_ode(fn, z, e.num_sampling_steps, e.sampler, kwargs, atol=e.atol, rtol=e.rtol)
+        else:
+            loop = diffusion.ddim_sample_loop if e.sampler == "ddim" else diffusion.p_sample_loop
+            out = loop(fn, z.shape, z, clip_denoised=False, model_kwargs=kwargs, device=z.device, generator=generator)
     out = out.float()
     return out.chunk(2, dim=0)[0] if using_cfg else out
 
@@ -236,7 +249,11 @@ def to_images(x, cfg, vae, chunk=32):
 
 
 def sampling_diffusion(cfg):
-    from diffusion import create_diffusion
+    """The process to sample with: the flow (general.path=flow), or the diffusion respaced to the sampler's steps."""
+    from diffusion import create_diffusion, create_flow
+
+    if config.is_flow(cfg):
+        return create_flow()
 
     steps = cfg.eval.num_sampling_steps
     respacing = f"ddim{steps}" if cfg.eval.sampler == "ddim" else str(steps)

@@ -14,6 +14,7 @@ naming the key and exit code 2, before they write anything.
 
 import difflib
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -59,13 +60,20 @@ Schedule = choices("Schedule", ["linear", "cosine"])
 Device = choices("Device", ["auto", "cuda", "cpu"])
 ModelName = choices("ModelName", DiT_models)
 InitMethod = choices("InitMethod", ["DTR", "dtr", "random"])
-Sampler = choices("Sampler", ["ddpm", "ddim"])
+TaskAxis = choices("TaskAxis", ["linear", "logsnr"])
+Path = choices("Path", ["ddpm", "flow"])
+# Each path's samplers; "auto" is the path's first: DDPM's ancestral sampler, SiT's default ODE solver.
+SAMPLERS = {"ddpm": ("ddpm", "ddim"), "flow": ("dopri5", "euler", "heun2")}
+Sampler = choices("Sampler", ["auto", *SAMPLERS["ddpm"], *SAMPLERS["flow"]])
+Density = choices("Density", ["uniform", "logit_normal", "mode"])  # dtr.weighting's noise-level densities
+MODE_SCALE_MAX = 2 / (math.pi - 2)  # SD3's mode map is a density for scales in [-1, 2 / (pi - 2)]
 
 
 @dataclass
 class General:
     data_path: str | None = MISSING
     latents_dir: str | None = MISSING
+    path: Path = MISSING
     iterations: int = MISSING
     num_workers: int = MISSING
     global_batch_size: int = MISSING
@@ -100,6 +108,7 @@ class Routing:
     init_method: InitMethod = MISSING
     alpha: float = MISSING
     seed: int = MISSING
+    task_axis: TaskAxis = MISSING
 
 
 @dataclass
@@ -110,6 +119,15 @@ class Models:
     num_heads: int | None = MISSING
     class_dropout_prob: float = MISSING
     routing: Routing = field(default_factory=Routing)
+
+
+@dataclass
+class FlowKeys:
+    density: Density = MISSING
+    logit_mean: float = MISSING
+    logit_std: float = MISSING
+    mode_scale: float = MISSING
+    shift: float = MISSING
 
 
 @dataclass
@@ -144,6 +162,8 @@ class Eval:
     ckpt: str | None = MISSING
     use_ema: bool = MISSING
     sampler: Sampler = MISSING
+    atol: float = MISSING
+    rtol: float = MISSING
     guide_channels: int | None = MISSING
     save_png: bool = MISSING
     class_labels: list[int] = MISSING
@@ -160,6 +180,7 @@ class Config:
     general: General = field(default_factory=General)
     optim: Optim = field(default_factory=Optim)
     models: Models = field(default_factory=Models)
+    flow: FlowKeys = field(default_factory=FlowKeys)
     data: Data = field(default_factory=Data)
     logs: Logs = field(default_factory=Logs)
     eval: Eval = field(default_factory=Eval)
@@ -198,6 +219,12 @@ FLOAT_RANGES = {  # finite, always
     "models.routing.sharing_ratio": dict(low=0.0, high=1.0, low_open=True, hint=" (1.0 = no routing, the baseline)"),
     "models.routing.alpha": dict(low=0.0, low_open=True),
     "eval.cfg_scale": dict(low=1.0, hint=" (1.0 = no guidance)"),
+    "flow.logit_mean": {},
+    "flow.logit_std": dict(low=0.0, low_open=True),
+    "flow.mode_scale": dict(low=-1.0, high=MODE_SCALE_MAX),
+    "flow.shift": dict(low=0.0, low_open=True, hint=" (1.0 = no shift)"),
+    "eval.atol": dict(low=0.0, low_open=True),
+    "eval.rtol": dict(low=0.0, low_open=True),
 }
 
 
@@ -242,6 +269,8 @@ def load(argv=(), validate_values=True):
         raise ConfigError(_describe(e)) from None
     if missing:
         raise ConfigError(f"{missing[0]} has no value: set it on the command line ({missing[0]}=...)")
+    if cfg.eval.sampler == "auto":
+        cfg.eval.sampler = Sampler(SAMPLERS[cfg.general.path][0])
     if validate_values:
         validate(cfg)
     return cfg
@@ -291,7 +320,29 @@ def validate(cfg):
     except ValueError as err:
         raise ConfigError(f"general.loss_weight_type: {err}") from None
 
-    g, m = cfg.general, cfg.models
+    g, m, e = cfg.general, cfg.models, cfg.eval
+    if e.sampler not in SAMPLERS[g.path]:
+        other = "flow" if g.path == "ddpm" else "ddpm"
+        raise ConfigError(
+            f"eval.sampler={e.sampler} samples general.path={other}; with general.path={g.path} choose one of: "
+            f"{', '.join(SAMPLERS[g.path])} (or auto)"
+        )
+    if g.path == "flow" and e.sampler in ("euler", "heun2") and e.num_sampling_steps < 2:
+        raise ConfigError(
+            f"eval.num_sampling_steps={e.num_sampling_steps}: {e.sampler} needs >= 2 (the points of SiT's time grid, "
+            "both ends included)"
+        )
+    check_flow_keys(cfg)
+    if m.routing.task_axis != "linear" and g.path != "flow":
+        raise ConfigError(
+            f"models.routing.task_axis={m.routing.task_axis} maps a flow noise level to a task: it needs "
+            "general.path=flow (DDPM timesteps are tasks as they are)"
+        )
+    if g.path == "flow" and g.schedule_name != "linear":
+        raise ConfigError(
+            f"general.schedule_name={g.schedule_name} is a DDPM noise schedule: general.path=flow has none "
+            "(SiT's linear interpolant); leave it at linear"
+        )
     depth, hidden, heads, patch = architecture(cfg)
     if hidden % heads or hidden % 2:
         raise ConfigError(f"models.hidden_size={hidden} must be even and divisible by models.num_heads={heads}")
@@ -321,6 +372,33 @@ def validate(cfg):
             f"models.name={m.name}: patch size {patch} does not divide the model input size {size} "
             f"(general.image_size={g.image_size})"
         )
+
+
+# The flow group's defaults (SiT's uniform density; SD3's logit-normal and mode parameters), and whose each is.
+FLOW_DEFAULTS = {"density": "uniform", "logit_mean": 0.0, "logit_std": 1.0, "mode_scale": 1.29, "shift": 1.0}
+DENSITY_KEYS = {"logit_mean": "logit_normal", "logit_std": "logit_normal", "mode_scale": "mode"}
+
+
+def check_flow_keys(cfg):
+    """The flow group applies to general.path=flow, and each density parameter to its own density."""
+    f = cfg.flow
+    if cfg.general.path != "flow":
+        changed = [f"flow.{k}={f[k]}" for k, v in FLOW_DEFAULTS.items() if f[k] != v]
+        if changed:
+            raise ConfigError(f"{changed[0]} applies to general.path=flow (the flow's noise-level density)")
+    for key, density in DENSITY_KEYS.items():
+        if f[key] != FLOW_DEFAULTS[key] and f.density != density:
+            raise ConfigError(f"flow.{key} applies to flow.density={density}, not flow.density={f.density}")
+
+
+def flow_density(cfg):
+    """diffusion.create_flow's density keywords: the density, its own parameters and the shift."""
+    f = cfg.flow
+    return dict(
+        density=str(f.density),
+        shift=f.shift,
+        **{key: f[key] for key, density in DENSITY_KEYS.items() if density == f.density},
+    )
 
 
 #################################################################################
@@ -371,6 +449,11 @@ def model_string(cfg):
 def routing_method(cfg):
     """dtr.wrap's method for models.routing.init_method ("DTR" -> "dtr")."""
     return "random" if cfg.models.routing.init_method == "random" else "dtr"
+
+
+def is_flow(cfg):
+    """general.path=flow: SiT's linear interpolant with velocity prediction (diffusion/flow.py)."""
+    return cfg.general.path == "flow"
 
 
 def is_routed(cfg):

@@ -3,6 +3,7 @@ The digits demo: the whole recipe (train, sample, evaluate) on a laptop CPU in a
 
     python examples/dit/demo.py                                   # DiT-T/2 + DTR on scikit-learn's digits
     python examples/dit/demo.py models.routing.sharing_ratio=1.0  # the same without routing (baseline)
+    python examples/dit/demo.py general.path=flow eval.sampler=heun2 eval.num_sampling_steps=51  # SiT's flow
 
 It runs train.py, sample.py, sample_ddp.py and evaluate.py with data=digits in one process (any
 key=value of those scripts can be added), draws DTR's task masks, and prints where everything went:
@@ -55,8 +56,8 @@ def main(argv=()):
     fit_threads()
     cfg = config.load(["data=digits", *argv])
     print(
-        f"== Training {cfg.models.name} on digits for {cfg.general.iterations} steps "
-        f"(sharing_ratio={cfg.models.routing.sharing_ratio}, loss_weight_type={cfg.general.loss_weight_type})"
+        f"== Training {cfg.models.name} on digits for {cfg.general.iterations} steps ({cfg.general.path}, "
+        f"sharing_ratio={cfg.models.routing.sharing_ratio}, loss_weight_type={cfg.general.loss_weight_type})"
     )
     result = train.main(cfg)
     trained = time.time()
@@ -66,7 +67,10 @@ def main(argv=()):
     out_dir = os.path.join(cfg.eval.samples_dir, config.model_string(cfg))
     os.makedirs(out_dir, exist_ok=True)
     e = cfg.eval
-    print(f"== Sampling a grid, then {e.num_fid_samples} samples ({e.num_sampling_steps} steps, cfg {e.cfg_scale})")
+    print(
+        f"== Sampling a grid, then {e.num_fid_samples} samples ({e.sampler}, {e.num_sampling_steps} steps, "
+        f"cfg {e.cfg_scale})"
+    )
     cfg.eval.grid = os.path.join(out_dir, "grid.png")
     grid = sample.main(cfg, per_class=4)
     masks = plot_masks(cfg, os.path.join(out_dir, "masks.png")) if config.is_routed(cfg) else None

@@ -21,8 +21,11 @@ from omegaconf import OmegaConf
 
 import config
 
+# The flow's training density (general.path=flow); with ANT-UW its intervals, hence the UW state, depend on it.
+FLOW_DENSITY_KEYS = tuple(f"flow.{key}" for key in config.FLOW_DEFAULTS)
 # Keys a checkpoint's weights depend on: sampling or resuming with other values cannot use them.
 MODEL_KEYS = (
+    "general.path",
     "data.name",
     "data.num_classes",
     "general.image_size",
@@ -35,6 +38,7 @@ MODEL_KEYS = (
     "models.routing.init_method",
     "models.routing.alpha",
     "models.routing.seed",
+    "models.routing.task_axis",
 )
 # The optimizer and UW state depend on the loss weighting too: a resume, even a fork, must keep these.
 STATE_KEYS = (*MODEL_KEYS, "general.loss_weight_type")
@@ -48,9 +52,16 @@ RUN_KEYS = (
     "general.schedule_name",
     "general.mixed_precision",
     "models.class_dropout_prob",
+    *FLOW_DENSITY_KEYS,
 )
 # Keys that take effect from the resumed step on (set on the optimizer, read by the EMA each step), and are logged.
 APPLIED_KEYS = ("optim.lr", "optim.weight_decay", "optim.uw_lr", "optim.ema_decay")
+# The value a key had before the recipe had it: what a checkpoint written then, without the key, was made with.
+LEGACY_VALUES = {
+    "general.path": "ddpm",
+    "models.routing.task_axis": "linear",
+    **{f"flow.{k}": v for k, v in config.FLOW_DEFAULTS.items()},
+}
 # What a train.py checkpoint holds, besides its digest (older checkpoints have none).
 CONTENTS = ("model", "ema", "opt", "uw", "config", "step", "rng")
 
@@ -65,11 +76,13 @@ def changed_keys(saved, cfg, keys):
     saved = OmegaConf.create(saved)
     out = []
     for key in keys:
-        theirs, ours = OmegaConf.select(saved, key, default=None), OmegaConf.select(cfg, key)
+        theirs, ours = OmegaConf.select(saved, key, default=LEGACY_VALUES.get(key)), OmegaConf.select(cfg, key)
         if key == "models.routing.init_method" and theirs is not None:  # DTR and dtr are the same method
-            theirs, ours = theirs.lower(), ours.lower()
-        if theirs != ours:
-            out.append((key, OmegaConf.select(saved, key, default=None), OmegaConf.select(cfg, key)))
+            same = theirs.lower() == ours.lower()
+        else:
+            same = theirs == ours
+        if not same:
+            out.append((key, theirs, ours))
     return out
 
 
@@ -297,7 +310,7 @@ def check_resume(cfg, checkpoint, path):
             f"general.resume={path} is not a train.py checkpoint: it has no {', '.join(missing)} (expected "
             f"{', '.join(CONTENTS)}; a bare DiT state dict has no optimizer state to resume)"
         )
-    uw = ("general.uw_intervals",) if cfg.general.loss_weight_type == "uw" else ()
+    uw = ("general.uw_intervals", *FLOW_DENSITY_KEYS) if cfg.general.loss_weight_type == "uw" else ()
     check_same_model(cfg, checkpoint["config"], path, keys=STATE_KEYS + uw)
     if cfg.general.fork:
         return None

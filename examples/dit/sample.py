@@ -4,8 +4,9 @@ Sample a grid of images from a trained DiT (+ DTR): one image per class in eval.
     python sample.py models.name=DiT-L/2 models.routing.sharing_ratio=0.8 eval.cfg_scale=4.0
     python sample.py data=digits eval.cfg_scale=2.0
 
-Pass the training keys (or eval.ckpt=<path>). The grid goes to eval.grid, by default
-{eval.samples_dir}/{model}/grid-{ckpt}-cfg-{scale}.png. Runs on one GPU or the CPU.
+Pass the training keys (or eval.ckpt=<path>); a general.path=flow model samples with eval.sampler's ODE
+solver. The grid goes to eval.grid, by default {eval.samples_dir}/{model}/grid-{ckpt}-cfg-{scale}.png.
+Runs on one GPU or the CPU.
 """
 
 import os

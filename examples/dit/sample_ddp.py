@@ -8,6 +8,8 @@ Pass the training keys, so the checkpoint is found where train.py wrote it (the 
     torchrun --nnodes=1 --nproc_per_node=8 sample_ddp.py general.loss_weight_type=uw \
         models.name=DiT-L/2 models.routing.sharing_ratio=0.8 eval.cfg_scale=1.5 eval.num_fid_samples=50000
 
+A general.path=flow model samples with SiT's ODE solvers (eval.sampler=dopri5 | euler | heun2).
+
 eval.ckpt=<path> samples any checkpoint; eval.save_png=true also writes one PNG per sample.
 Exactly N samples are written whatever the number of processes: rank r draws samples r, r + W, ...
 Multi-node runs need eval.samples_dir on a shared file system (rank 0 assembles the .npz).
@@ -25,13 +27,18 @@ import config
 
 
 def sample_folder(cfg):
-    """{samples_dir}/{model}/{ckpt}-size-{S}-vae-{vae}-samples-{N}-cfg-{scale}-seed-{seed}; the .npz goes beside it."""
+    """{samples_dir}/{model}/{ckpt}-size-{S}-vae-{vae}-samples-{N}-cfg-{scale}-seed-{seed}; the .npz goes beside it.
+
+    general.path=flow adds the ODE solver before the seed: -euler-{steps}, -heun2-{steps}, -dopri5-{atol}-{rtol}.
+    """
     e, g = cfg.eval, cfg.general
     ckpt = os.path.splitext(os.path.basename(e.ckpt))[0] if e.ckpt is not None else f"{e.ckpt_path.iterations:07d}"
     vae = "none" if cfg.data.name == "digits" else os.path.basename(os.path.normpath(g.vae))
     name = f"{ckpt}-size-{g.image_size}-vae-{vae}-samples-{e.num_fid_samples}"
     if cfg.data.num_classes > 1:
         name += f"-cfg-{e.cfg_scale}"
+    if config.is_flow(cfg):
+        name += f"-dopri5-{e.atol}-{e.rtol}" if e.sampler == "dopri5" else f"-{e.sampler}-{e.num_sampling_steps}"
     name += f"-seed-{g.global_seed}"
     return os.path.join(e.samples_dir, config.model_string(cfg), name)
 

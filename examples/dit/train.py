@@ -10,6 +10,8 @@ and on a laptop CPU (scikit-learn's digits, pixel space):
 
     python train.py data=digits
 
+general.path=flow trains the same DiT with SiT's flow matching instead (diffusion/flow.py), with the same keys.
+
 models.routing.sharing_ratio=1.0 trains the baseline (no routing). The run's folder, its checkpoints and
 resuming (general.resume, general.fork) are runs.py's. Configuration errors exit with code 2 before anything
 is written; a loss that turns inf or NaN stops training (exit 1) before it reaches a checkpoint.
@@ -31,7 +33,8 @@ import common
 import config
 import runs
 from data import ResumableSampler, build_dataset, steps_per_epoch
-from diffusion import create_diffusion
+from diffusion import create_diffusion, create_flow
+from diffusion.flow import Flow
 from dtr.weighting import StratifiedTimestepSampler, UncertaintyWeighting, interval_index, uniform_intervals
 
 #################################################################################
@@ -85,12 +88,47 @@ def to_model_input(x, kind, vae, scale, generator):
     return (mean + std * noise) * scale
 
 
-def ant_uw(loss_weight_type, num_timesteps, num_intervals, device):
-    """ANT-UW's (intervals, stratified timestep sampler, uncertainty weighting); Nones for other weightings."""
-    if loss_weight_type != "uw":
+def training_process(cfg):
+    """What the model learns: SiT's flow (general.path=flow) or the paper's 1000-step Gaussian diffusion, with the
+    loss weighting of general.loss_weight_type."""
+    g = cfg.general
+    if config.is_flow(cfg):
+        return create_flow(loss_weight_type=g.loss_weight_type, **config.flow_density(cfg))
+    return create_diffusion("", noise_schedule=g.schedule_name, loss_weight_type=g.loss_weight_type)
+
+
+def ant_uw(cfg, process, device):
+    """ANT-UW's (intervals, stratified sampler, uncertainty weighting); Nones for other weightings.
+
+    DDPM: general.uw_intervals uniform intervals of the timesteps [0, T). Flow: as many intervals of the noise
+    level s, of equal probability under the flow density (uniform: equal intervals of [0, 1]).
+    """
+    g = cfg.general
+    if g.loss_weight_type != "uw":
         return None, None, None
-    intervals = uniform_intervals(num_timesteps, num_intervals)
-    return intervals, StratifiedTimestepSampler(intervals), UncertaintyWeighting(num_intervals).to(device)
+    if isinstance(process, Flow):
+        intervals, sampler = process.stratified(g.uw_intervals)
+    else:
+        intervals = uniform_intervals(process.num_timesteps, g.uw_intervals)
+        sampler = StratifiedTimestepSampler(intervals)
+    return intervals, sampler, UncertaintyWeighting(g.uw_intervals).to(device)
+
+
+def training_times(process, stratified, n, device, generator):
+    """(t for the model, the level ANT-UW's intervals split) of one batch, drawn from generator.
+
+    DDPM: timesteps in [0, T), uniform or stratified, both. Flow: SiT's t in [0, 1) and the noise level s = 1 - t
+    (ANT-UW draws s stratified, and t = 1 - s).
+    """
+    flow = isinstance(process, Flow)
+    if stratified is not None:
+        level = stratified.sample(n, device=device, generator=generator)
+        return (1 - level if flow else level), level
+    if flow:
+        t = process.sample_time(n, device=device, generator=generator)
+        return t, 1 - t
+    t = torch.randint(0, process.num_timesteps, (n,), device=device, generator=generator)
+    return t, t
 
 
 def data_loader(dataset, sampler, local_batch_size, num_workers, seed, device):
@@ -184,9 +222,9 @@ def main(cfg):
     requires_grad(ema, False)
     model = model.to(device)
 
-    # Diffusion, loss weighting and optimizer (AdamW, constant lr; ANT-UW's log-variances get their own group):
-    diffusion = create_diffusion("", noise_schedule=g.schedule_name, loss_weight_type=g.loss_weight_type)
-    intervals, stratified, uw = ant_uw(g.loss_weight_type, diffusion.num_timesteps, g.uw_intervals, device)
+    # Process, loss weighting and optimizer (AdamW, constant lr; ANT-UW's log-variances get their own group):
+    process = training_process(cfg)
+    intervals, stratified, uw = ant_uw(cfg, process, device)
     param_groups = [{"params": model.parameters()}] + ([uw.param_group(lr=cfg.optim.uw_lr)] if uw is not None else [])
     opt = torch.optim.AdamW(param_groups, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     state = dict(model=model, ema=ema, opt=opt, uw=uw)  # what a checkpoint holds, besides config, step and rng
@@ -252,15 +290,12 @@ def main(cfg):
         y = y.to(device, non_blocking=True)
         with common.autocast(g.mixed_precision, device):
             x = to_model_input(x, dataset.kind, vae, scale, generator)
-        if stratified is not None:
-            t = stratified.sample(x.shape[0], device=device, generator=generator)
-        else:
-            t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=device, generator=generator)
+        t, level = training_times(process, stratified, x.shape[0], device, generator)
         noise = torch.randn(x.shape, device=device, generator=generator)
         with common.autocast(g.mixed_precision, device):
-            loss_dict = diffusion.training_losses(train_model, x, t, model_kwargs=dict(y=y), noise=noise)
-        per_sample = loss_dict["loss"].float()  # weighted by w(t) (general.loss_weight_type) in the diffusion
-        loss = uw(per_sample, interval_index(t, intervals)) if uw is not None else per_sample.mean()
+            loss_dict = process.training_losses(train_model, x, t=t, model_kwargs=dict(y=y), noise=noise)
+        per_sample = loss_dict["loss"].float()  # weighted by w(t) (general.loss_weight_type) in the process
+        loss = uw(per_sample, interval_index(level, intervals)) if uw is not None else per_sample.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if uw is not None and dist.is_initialized():  # average UW's gradient over ranks, as DDP does for the model's

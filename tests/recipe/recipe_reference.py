@@ -5,8 +5,14 @@
 - `ReferenceTraining`: the training step as facebookresearch/DiT's train.py and the DTR paper code take it: the
   model in train mode (label dropout), the hybrid loss of improved DDPM (MSE + VB term) weighted once by w(t)
   (constant or Min-SNR), or ANT-UW's stratified timesteps and uncertainty weighting with its own learning rate,
-  AdamW, and the EMA `ema = decay * ema + (1 - decay) * model`; over any number of simulated DDP ranks.
+  AdamW, and the EMA `ema = decay * ema + (1 - decay) * model`; over any number of simulated DDP ranks. With
+  path="flow": SiT's loss at t ~ U[0, 1) instead, routed by task round((1 - t)(T - 1)), Min-SNR as its epsilon
+  objective written for the velocity, min((1 - s)^2, gamma s^2) at the noise level s = 1 - t, ANT-UW on k equal
+  intervals of s.
 - `ddim_sample`: deterministic DDIM (eta = 0) with classifier-free guidance on all channels.
+- `sit_*`: SiT's flow matching (willisma/SiT, transport/ and models.py), the lines the flow path must equal,
+  written out: the Linear path's loss with velocity prediction, its ODE sampler over torchdiffeq, SiT's forward
+  (the learned-sigma half dropped) and forward_with_cfg.
 
 Only the DiT modules themselves (models.py, tested on their own in test_models.py) and torch's AdamW are shared
 with the recipe. Random numbers are drawn in the order the recipe draws them (data order, then per step: timesteps,
@@ -43,11 +49,12 @@ def dtr_masks(num_tasks, channels, sharing_ratio, alpha):
     return torch.from_numpy((c >= start[:, None]) & (c < start[:, None] + active)).float()
 
 
-def routed_forward(model, x, t, y, masks):
-    """DiT's forward (x_embedder + pos_embed, c = t_emb + y_emb, blocks, final layer), each block routed by masks[t]."""
+def routed_forward(model, x, t, y, masks, tasks=None):
+    """DiT's forward (x_embedder + pos_embed, c = t_emb + y_emb, blocks, final layer), each block routed by
+    masks[tasks] (tasks = t, the DDPM timesteps, unless given)."""
     h = model.x_embedder(x) + model.pos_embed
     c = model.t_embedder(t) + model.y_embedder(y, model.training)
-    m = None if masks is None else masks[t].to(h.dtype)[:, None, :]
+    m = None if masks is None else masks[t if tasks is None else tasks].to(h.dtype)[:, None, :]
     for block in model.blocks:
         h = block(h, c) if m is None else block(m * h, c) + (1 - m) * h
     return model.unpatchify(model.final_layer(h, c))
@@ -149,6 +156,7 @@ class ReferenceTraining:
         weight_decay=0.0,
         uw_lr=0.025,
         ema_decay=0.9999,
+        path="ddpm",
     ):
         torch.manual_seed(seed)  # the same initial weights as the recipe's (models.py's initialisation)
         self.model = DiT(
@@ -164,7 +172,7 @@ class ReferenceTraining:
         )
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.masks = dtr_masks(num_tasks, hidden, sharing_ratio, alpha) if sharing_ratio < 1 else None
-        self.weighting, self.s = weighting, Schedule()
+        self.weighting, self.s, self.path, self.num_tasks = weighting, Schedule(), path, num_tasks
         self.k = uw_intervals
         self.bounds = [i * T // uw_intervals for i in range(uw_intervals + 1)]
         groups = [{"params": list(self.model.parameters())}]
@@ -202,50 +210,72 @@ class ReferenceTraining:
         return torch.tensor(mine[i * b : (i + 1) * b])
 
     def timesteps(self, generator):
+        """(timesteps, ANT-UW interval of each or None): DDPM timesteps in [0, T), or flow times t in [0, 1)."""
         if self.weighting != "uw":
-            return torch.randint(0, T, (self.local_batch,), generator=generator)
+            if self.path == "flow":
+                return torch.rand(self.local_batch, generator=generator), None
+            return torch.randint(0, T, (self.local_batch,), generator=generator), None
         # ANT: an equal share of the batch from every interval (the remainder to distinct random intervals),
-        # uniform inside the interval.
+        # uniform inside the interval: of the timesteps, or (flow) of the noise levels s in k equal intervals of
+        # [0, 1], with t = 1 - s.
         counts = [self.local_batch // self.k] * self.k
         if self.local_batch % self.k:
             for i in torch.randperm(self.k, generator=generator)[: self.local_batch % self.k].tolist():
                 counts[i] += 1
         u = torch.rand(self.local_batch, generator=generator, dtype=torch.float64).tolist()
-        t, j = [], 0
+        t, interval, j = [], [], 0
         for i, count in enumerate(counts):
             lo, size = self.bounds[i], self.bounds[i + 1] - self.bounds[i]
             for _ in range(count):
-                t.append(lo + min(int(u[j] * size), size - 1))
+                t.append((i + u[j]) / self.k if self.path == "flow" else lo + min(int(u[j] * size), size - 1))
+                interval.append(i)
                 j += 1
-        return torch.tensor(t)
+        if self.path == "flow":  # t holds s, drawn in float64: rounded to float32, then t = 1 - s
+            return 1 - torch.tensor(t, dtype=torch.float64).float(), torch.tensor(interval)
+        return torch.tensor(t), torch.tensor(interval)
 
     def rank_loss(self, rank):
         """This rank's loss at the current step (the model in train mode: labels dropped at random)."""
         index = self.batch(rank)
         x0, y = self.x[index], self.y[index]
-        t = self.timesteps(self.generators[rank])
+        t, interval = self.timesteps(self.generators[rank])
         noise = torch.randn(x0.shape, generator=self.generators[rank])
-        ac = self.s.alphas_cumprod
-        x_t = self.s.at(np.sqrt(ac), t) * x0 + self.s.at(np.sqrt(1 - ac), t) * noise
         torch.set_rng_state(self.cpu_states[rank])
-        out = routed_forward(self.model, x_t, t, y, self.masks)
+        per_sample = self.flow_loss(x0, y, t, noise) if self.path == "flow" else self.ddpm_loss(x0, y, t, noise)
         self.cpu_states[rank] = torch.get_rng_state()
-        mse, vb = hybrid_loss(out, x0, x_t, t, noise, self.s)
-        if self.weighting.startswith("min_snr_"):
-            gamma = float(self.weighting[len("min_snr_") :])
-            w = torch.from_numpy(np.minimum(self.s.snr, gamma) / self.s.snr)[t].float()
-        else:
-            w = torch.ones(len(t))
-        per_sample = w * mse + vb
         if self.log_vars is None:
             return per_sample.mean()
-        interval = sum((t >= b).long() for b in self.bounds[1:-1])
         loss = 0.0
         for i in range(self.k):
             if (interval == i).any():
                 interval_loss = per_sample[interval == i].mean() / self.k
                 loss = loss + 0.5 * (torch.exp(-self.log_vars[i]) * interval_loss + self.log_vars[i])
         return loss
+
+    def ddpm_loss(self, x0, y, t, noise):
+        """Per-sample w(t) * mse + vb of improved DDPM at timesteps t."""
+        ac = self.s.alphas_cumprod
+        x_t = self.s.at(np.sqrt(ac), t) * x0 + self.s.at(np.sqrt(1 - ac), t) * noise
+        out = routed_forward(self.model, x_t, t, y, self.masks)
+        mse, vb = hybrid_loss(out, x0, x_t, t, noise, self.s)
+        if self.weighting.startswith("min_snr_"):
+            gamma = float(self.weighting[len("min_snr_") :])
+            w = torch.from_numpy(np.minimum(self.s.snr, gamma) / self.s.snr)[t].float()
+        else:
+            w = torch.ones(len(t))
+        return w * mse + vb
+
+    def flow_loss(self, x1, y, t, noise):
+        """Per-sample w(s) * SiT's loss at times t (t = 1 data), s = 1 - t, the velocity the first C channels."""
+        tt = t.view(-1, 1, 1, 1)
+        x_t, u = tt * x1 + (1 - tt) * noise, x1 - noise
+        tasks = torch.round((1 - t.double()) * (self.num_tasks - 1)).long()
+        v = routed_forward(self.model, x_t, t, y, self.masks, tasks)[:, : x1.shape[1]]
+        mse = ((v - u) ** 2).mean(dim=(1, 2, 3))
+        if self.weighting.startswith("min_snr_"):
+            gamma, s = float(self.weighting[len("min_snr_") :]), 1 - t.double()
+            return torch.minimum((1 - s) ** 2, gamma * s**2).float() * mse
+        return mse
 
     def step(self):
         self.model.train()
@@ -292,8 +322,9 @@ REFERENCE_KEYS = [
 CHANGED = {"lr": 0.001, "weight_decay": 0.03, "uw_lr": 0.01, "ema_decay": 0.6}
 
 
-def reference(weighting, sharing_ratio, changed_after=None, steps=4, world_size=1, batch=8):
-    """The reference run of REFERENCE_KEYS (this weighting and sharing ratio), CHANGED after `changed_after` steps."""
+def reference(weighting, sharing_ratio, changed_after=None, steps=4, world_size=1, batch=8, path="ddpm"):
+    """The reference run of REFERENCE_KEYS (this weighting, sharing ratio and path), CHANGED after `changed_after`
+    steps."""
     ref = ReferenceTraining(
         hidden=HIDDEN,
         depth=DEPTH,
@@ -311,6 +342,7 @@ def reference(weighting, sharing_ratio, changed_after=None, steps=4, world_size=
         weight_decay=0.01,
         uw_lr=0.05,
         ema_decay=0.8,
+        path=path,
     )
     for step in range(steps):
         if step == changed_after:
@@ -420,10 +452,10 @@ def to_uint8_digits(x):
     return gray[..., None].expand(*gray.shape, 3).numpy()
 
 
-def sample_ddp(model, shape, n, world_size, batch, seed, **kwargs):
+def sample_ddp(model, shape, n, world_size, batch, seed, draw=sample, **kwargs):
     """sample_ddp.py's samples: rank r draws samples r, r + W, ... in batches, from a generator seeded
-    seed * W + r (noise of `shape` per sample, then labels, then the sampler's draws). Returns (x, labels) in
-    sample order."""
+    seed * W + r (noise of `shape` per sample, then labels, then the sampler's draws), each batch denoised by
+    draw(model, z, y, generator, **kwargs) (`sample`, or `flow_sample`). Returns (x, labels) in sample order."""
     xs, labels = [None] * n, [None] * n
     for rank in range(world_size):
         generator = torch.Generator().manual_seed(seed * world_size + rank)
@@ -432,7 +464,87 @@ def sample_ddp(model, shape, n, world_size, batch, seed, **kwargs):
             index = mine[start : start + batch]
             z = torch.randn((len(index), *shape), generator=generator)
             y = torch.randint(0, kwargs["num_classes"], (len(index),), generator=generator)
-            out = sample(model, z, y, generator, **kwargs)
+            out = draw(model, z, y, generator, **kwargs)
             for i, k in enumerate(index):
                 xs[k], labels[k] = out[i], int(y[i])
     return torch.stack(xs), np.array(labels)
+
+
+#################################################################################
+#            SiT's flow matching (willisma/SiT transport/), written out         #
+#################################################################################
+# SiT's Linear path (ICPlan: alpha_t = t, sigma_t = 1 - t, t = 1 data) with velocity prediction, where
+# create_transport sets train_eps = sample_eps = 0, so training times are U[0, 1) and the ODE runs over [0, 1].
+
+
+def sit_forward(model, x, t, y):
+    """SiT's forward: the DiT's output with its learned-sigma half dropped (`x, _ = x.chunk(2, dim=1)`)."""
+    out = routed_forward(model, x, t, y, None)
+    return out.chunk(2, dim=1)[0] if model.learn_sigma else out
+
+
+def sit_forward_with_cfg(model, x, t, y, cfg_scale, guided_channels=3):
+    """SiT's forward_with_cfg: the first half of x twice, guidance uncond + s (cond - uncond) on the first
+    `guided_channels` output channels (SiT's 3; `in_channels` is its commented-out standard choice)."""
+    half = x[: len(x) // 2]
+    out = sit_forward(model, torch.cat([half, half], 0), t, y)
+    eps, rest = out[:, :guided_channels], out[:, guided_channels:]
+    cond, uncond = torch.split(eps, len(eps) // 2, dim=0)
+    half_eps = uncond + cfg_scale * (cond - uncond)
+    return torch.cat([torch.cat([half_eps, half_eps], 0), rest], dim=1)
+
+
+def sit_training_loss(forward, x1, x0, t, **model_kwargs):
+    """Transport.training_losses' "loss" for (t, x0 noise, x1 data): ICPlan.plan, then mean_flat((v - u_t)^2)."""
+    tt = t.view(t.size(0), *([1] * (x1.ndim - 1)))  # expand_t_like_x
+    alpha_t, d_alpha_t = tt, 1  # ICPlan.compute_alpha_t
+    sigma_t, d_sigma_t = 1 - tt, -1  # ICPlan.compute_sigma_t
+    xt = alpha_t * x1 + sigma_t * x0
+    ut = d_alpha_t * x1 + d_sigma_t * x0
+    out = forward(xt, t, **model_kwargs)
+    return torch.mean((out - ut) ** 2, dim=list(range(1, x1.ndim)))
+
+
+def sit_sample_ode(forward, x, num_steps, method, atol=1e-6, rtol=1e-3, **model_kwargs):
+    """Sampler.sample_ode(...)(x, forward, **kwargs)[-1]: torchdiffeq's odeint over linspace(0, 1, num_steps),
+    the model called at t = ones(B) * t."""
+    from torchdiffeq import odeint
+
+    def fn(t, x):
+        return forward(x, torch.ones(x.size(0)).to(x.device) * t, **model_kwargs)
+
+    grid = torch.linspace(0, 1, num_steps).to(x.device)
+    return odeint(fn, x, grid, method=method, atol=[atol], rtol=[rtol])[-1]
+
+
+def euler_heun_by_hand(forward, x, num_steps, heun, **model_kwargs):
+    """Euler, or Heun's method (x + dt/2 (k1 + k2), k2 at the Euler point of the next time), over
+    linspace(0, 1, num_steps): what torchdiffeq's "euler" and "heun2" compute on SiT's grid."""
+    grid = torch.linspace(0, 1, num_steps)
+    for t0, t1 in zip(grid[:-1].tolist(), grid[1:].tolist()):
+        dt = t1 - t0
+        k1 = forward(x, torch.full((len(x),), t0), **model_kwargs)
+        if not heun:
+            x = x + dt * k1
+            continue
+        k2 = forward(x + dt * k1, torch.full((len(x),), t1), **model_kwargs)
+        x = x + dt / 2 * (k1 + k2)
+    return x
+
+
+@torch.no_grad()
+def flow_sample(model, z, y, generator, *, sampler, steps, cfg_scale, num_classes, masks=None, num_tasks=T):
+    """A flow model's samples: Euler or Heun over linspace(0, 1, steps) from z (t = 0) to data (t = 1), the
+    velocity the first C output channels, uncond + cfg_scale * (cond - uncond) on all of them, every block routed
+    by task round((1 - t)(T - 1)). Draws nothing from generator (the ODE is deterministic)."""
+    C = z.shape[1]
+
+    def velocity(x, t, y):
+        tasks = torch.round((1 - t.double()) * (num_tasks - 1)).long()
+        cond = routed_forward(model, x, t, y, masks, tasks)[:, :C]
+        if cfg_scale <= 1:
+            return cond
+        uncond = routed_forward(model, x, t, torch.full_like(y, num_classes), masks, tasks)[:, :C]
+        return uncond + cfg_scale * (cond - uncond)
+
+    return euler_heun_by_hand(velocity, z, steps, heun=sampler == "heun2", y=y)

@@ -23,13 +23,15 @@ def load(name):
 convergence = load("convergence")
 
 
-def fake_run(out, arm, seed, fid, lr=0.002):
+def fake_run(out, arm, seed, fid, lr=0.002, path=None):
     cfg = {
         "models": {"name": "DiT-T/2"},
         "optim": {"lr": lr, "ema_decay": 0.995},
         "general": {"schedule_name": "linear", "global_batch_size": 64, "iterations": 20},
         "eval": {"num_fid_samples": 10, "num_sampling_steps": 5},
     }
+    if path is not None:  # runs made before general.path have neither key
+        cfg["general"]["path"], cfg["eval"]["sampler"] = path, "heun2"
     evals = [{"step": 10, "cfg_scale": 1.5, "fid": fid, "class_accuracy": 0.5, "precision": 0.5, "recall": 0.5}]
     with open(os.path.join(out, convergence.run_name(arm, seed) + ".json"), "w") as f:
         json.dump({"arm": arm, "seed": seed, "config": cfg, "evals": evals}, f)
@@ -42,8 +44,13 @@ def test_arm_overrides():
         "models.routing.init_method=DTR",
     ]
     assert convergence.arm_overrides("constant:0.8:random")[-1] == "models.routing.init_method=random"
-    with pytest.raises(SystemExit, match="not <loss_weight_type>:<sharing_ratio>"):
-        convergence.arm_overrides("uw")
+    assert convergence.arm_overrides("constant:0.8:logsnr")[-2:] == [
+        "models.routing.init_method=DTR",
+        "models.routing.task_axis=logsnr",
+    ]
+    for bad in ("uw", "uw:0.8:learned"):
+        with pytest.raises(SystemExit, match="not <loss_weight_type>:<sharing_ratio>"):
+            convergence.arm_overrides(bad)
 
 
 def test_report_pairs_arms_by_seed(tmp_path):
@@ -66,12 +73,22 @@ def test_paired_t_interval():
     # sd 0.5: a normal interval (half-width 0.57) would exclude 0, Student's t (1.24) does not
     assert not convergence.paired_t_excludes_zero([0.5, 1.0, 1.5])
     assert convergence.paired_t_excludes_zero([-1.0, -1.2, -0.8, -1.1])  # n = 4, half-width 0.27
+    lo, hi = convergence.paired_t_interval([0.0, 1.0, 2.0])  # mean 1, sd 1, t(0.975, 2) / sqrt(3) = 2.4841
+    assert (lo, hi) == (pytest.approx(1 - 2.4841, abs=1e-4), pytest.approx(1 + 2.4841, abs=1e-4))
 
 
 def test_report_refuses_mixed_settings(tmp_path):
     fake_run(tmp_path, "constant:1.0", 0, 10.0, lr=0.001)
     fake_run(tmp_path, "constant:0.8", 0, 10.0, lr=0.002)
     with pytest.raises(SystemExit, match="mixes runs made with different settings"):
+        convergence.report(str(tmp_path))
+
+
+def test_report_refuses_flow_runs_beside_ddpm_ones(tmp_path):
+    """Runs from before general.path are DDPM runs: a flow run beside them is another setting."""
+    fake_run(tmp_path, "constant:1.0", 0, 10.0)
+    fake_run(tmp_path, "constant:0.8", 0, 10.0, path="flow")
+    with pytest.raises(SystemExit, match="mixes runs made with different settings.*'flow'"):
         convergence.report(str(tmp_path))
 
 

@@ -29,6 +29,7 @@ def test_defaults_are_the_papers():
         "init_method": "DTR",
         "alpha": 4.0,
         "seed": 0,
+        "task_axis": "linear",
     }
     assert cfg.eval.cfg_scale == 1.5 and cfg.eval.num_fid_samples == 50_000 and cfg.eval.num_sampling_steps == 250
     assert config.input_size(cfg) == 32 and config.in_channels(cfg) == 4
@@ -78,6 +79,18 @@ def test_baseline_and_overrides():
     assert config.routing_method(cfg) == "random"
 
 
+def test_flow_path_keys():
+    """general.path=flow: SiT's default ODE solver (dopri5 at atol 1e-6, rtol 1e-3) unless eval.sampler says
+    otherwise, the run folders of the same keys, the solver in the sample folder's name."""
+    cfg = config.load(["general.path=flow", "general.loss_weight_type=uw"])
+    assert config.is_flow(cfg) and cfg.eval.sampler == "dopri5" and (cfg.eval.atol, cfg.eval.rtol) == (1e-6, 1e-3)
+    assert runs.checkpoint_path(cfg).endswith("DTR_0.8_uw/DiT-L-2/000/checkpoints/0400000.pt")
+    assert sample_ddp.sample_folder(cfg).endswith("samples-50000-cfg-1.5-dopri5-1e-06-0.001-seed-0")
+    cfg = config.load(["general.path=flow", "eval.sampler=heun2", "eval.num_sampling_steps=51"])
+    assert sample_ddp.sample_folder(cfg).endswith("samples-50000-cfg-1.5-heun2-51-seed-0")
+    assert config.load([]).eval.sampler == "ddpm" and not config.is_flow(config.load([]))
+
+
 def test_digits_preset():
     cfg = config.load(["data=digits"])
     assert cfg.data.name == "digits" and cfg.data.num_classes == 10 and cfg.general.image_size == 8
@@ -115,6 +128,22 @@ def test_new_experiment_dir_counts_up(tmp_path):
         (["general.iterations=0"], ["general.iterations"]),
         (["eval.cfg_scale=0.5"], ["eval.cfg_scale"]),
         (["eval.sampler=euler"], ["eval.sampler", "ddpm", "ddim"]),
+        (["eval.sampler=rk4"], ["eval.sampler", "ddim", "heun2", "dopri5"]),
+        (["general.path=sde"], ["general.path", "ddpm", "flow"]),
+        (["general.path=flow", "eval.sampler=ddim"], ["eval.sampler", "general.path=flow", "euler", "heun2", "dopri5"]),
+        (["general.path=flow", "eval.sampler=euler", "eval.num_sampling_steps=1"], ["eval.num_sampling_steps", ">= 2"]),
+        (["general.path=flow", "general.schedule_name=cosine"], ["general.schedule_name", "general.path=flow"]),
+        (["eval.atol=0"], ["eval.atol"]),
+        (["flow.density=logit_normal"], ["flow.density", "general.path=flow"]),
+        (["models.routing.task_axis=logsnr"], ["models.routing.task_axis", "general.path=flow"]),
+        (["models.routing.task_axis=cubic"], ["models.routing.task_axis", "linear", "logsnr"]),
+        (["flow.density=beta"], ["flow.density", "uniform", "logit_normal", "mode"]),
+        (["general.path=flow", "flow.logit_std=0.5"], ["flow.logit_std", "flow.density=logit_normal"]),
+        (["general.path=flow", "flow.density=logit_normal", "flow.mode_scale=1"], ["flow.mode_scale", "mode"]),
+        (["general.path=flow", "flow.density=mode", "flow.mode_scale=2"], ["flow.mode_scale", "[-1, 1.75194]"]),
+        (["general.path=flow", "flow.density=logit_normal", "flow.logit_std=0"], ["flow.logit_std", "> 0"]),
+        (["general.path=flow", "flow.shift=-1"], ["flow.shift"]),
+        (["eval.rtol=-1"], ["eval.rtol"]),
         (["eval.num_sampling_steps=5000"], ["eval.num_sampling_steps"]),
         (["optim.ema_decay=1.0"], ["optim.ema_decay"]),
         (["models.num_heads=5"], ["models.hidden_size", "models.num_heads"]),

@@ -283,6 +283,21 @@ def test_a_checkpoint_without_a_digest_still_loads_with_a_note(run_copy, capsys)
     assert note in capsys.readouterr().out
 
 
+def test_a_checkpoint_from_before_general_path_is_a_ddpm_one(run_copy):
+    """A checkpoint whose config has no general.path (written before the flow path) samples and resumes as DDPM,
+    and is refused for general.path=flow, naming the key."""
+    path = ckpt(run_copy, 5)
+    old = load(path)
+    del old["config"]["general"]["path"], old["digest"]
+    torch.save(old, path)
+    assert sample_py(sample, run_copy, path)[0] == 0
+    code, err = sample_py(sample, run_copy, path, "general.path=flow", "eval.sampler=euler")
+    assert_one_line_error(code, err, f"{path} was trained with general.path=ddpm")
+    code, err = train_py(run_copy, "general.iterations=6", "general.path=flow", f"general.resume={path}")
+    assert_one_line_error(code, err, f"{path} was trained with general.path=ddpm")
+    assert train_py(run_copy, "general.iterations=6", f"general.resume={path}")[0] == 0
+
+
 #################################################################################
 #                        Divergence and hard kills                              #
 #################################################################################
@@ -327,7 +342,8 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path, monkeypatch):
     assert os.listdir(tmp_path / RUN / "000" / "checkpoints") == ["0000001.pt"]
 
 
-def test_kill_9_then_resume_is_exact(tmp_path):
+@pytest.mark.parametrize("path", ["ddpm", "flow"])
+def test_kill_9_then_resume_is_exact(tmp_path, path):
     """SIGKILL at a random moment of a long run (a real process); resuming from its last checkpoint reaches the
     state of an uninterrupted run bit for bit, and every checkpoint the killed run left loads, verified."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -335,6 +351,7 @@ def test_kill_9_then_resume_is_exact(tmp_path):
         sys.executable,
         os.path.join(EXAMPLES_DIT, "train.py"),
         *KEYS,
+        f"general.path={path}",
         "general.iterations=100000",
         "logs.ckpt_every=3",
     ]
@@ -349,7 +366,8 @@ def test_kill_9_then_resume_is_exact(tmp_path):
     assert steps[:2] == [3, 6] and all(runs.load_checkpoint(str(ckpts / f"{s:07d}.pt"))[0]["step"] == s for s in steps)
     last, target = steps[-1], steps[-1] + 2
 
-    assert train_py(tmp_path, f"general.iterations={target}", f"general.resume={ckpts / f'{last:07d}.pt'}")[0] == 0
-    assert train_py(tmp_path, f"general.iterations={target}", "logs.results_dir=uninterrupted")[0] == 0
+    keys = (f"general.path={path}", f"general.iterations={target}")
+    assert train_py(tmp_path, *keys, f"general.resume={ckpts / f'{last:07d}.pt'}")[0] == 0
+    assert train_py(tmp_path, *keys, "logs.results_dir=uninterrupted")[0] == 0
     reference = tmp_path / "uninterrupted" / "DiT-T-2" / "000" / "checkpoints" / f"{target:07d}.pt"
     assert_same_training_state(load(ckpts / f"{target:07d}.pt"), load(reference))

@@ -20,7 +20,7 @@ import sample_ddp
 import train
 from models import DiT
 from recipe_helpers import DIGITS, TINY, TINY_VAE, load, make_image_folder, run_script, write_tiny_vae
-from recipe_reference import dtr_masks, routed_forward, to_uint8_digits
+from recipe_reference import dtr_masks, flow_sample, routed_forward, to_uint8_digits
 from recipe_reference import sample as reference_sample
 from recipe_reference import sample_ddp as sample_ddp_reference
 
@@ -171,6 +171,32 @@ def test_sample_ddp_one_process_and_evaluate(workdir):
         assert json.load(f)["fid"] == metrics["fid"]
 
 
+@pytest.mark.parametrize("sampler", ["euler", "heun2"])
+def test_flow_sample_ddp_is_the_reference_ode(workdir, tmp_path, monkeypatch, sampler):
+    """A general.path=flow checkpoint sampled with SiT's Euler or Heun on 4 grid points, cfg 1.5, routed by task
+    round((1 - t)(T - 1)): the recipe's samples (floats) are the reference's (flow_sample), and so are
+    sample_ddp.py's (uint8), with the labels it draws."""
+    monkeypatch.chdir(tmp_path)
+    flow_keys = ["general.path=flow", f"eval.sampler={sampler}"]
+    ckpt = train.main(config.load([*TRAIN_KEYS, *flow_keys]))["checkpoint"]
+    n, args = 5, [*sampling_args(workdir, 5), *flow_keys, f"eval.ckpt={ckpt}"]
+    model, masks = digits_model(load(ckpt)["ema"])
+    cfg = config.load(args)
+    ours = common.load_model_for_sampling(cfg, torch.device("cpu"), log=lambda *_: None)
+    z, y = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.arange(6)
+    with torch.no_grad():
+        x = common.sample(ours, common.sampling_diffusion(cfg), z, y, cfg, generator=None)
+    kwargs = dict(sampler=sampler, steps=4, cfg_scale=1.5, num_classes=10, masks=masks, num_tasks=1200)
+    torch.testing.assert_close(x, flow_sample(model, z, y, None, **kwargs), rtol=0, atol=1e-5)
+
+    images, labels = check_npz(sample_ddp.main(cfg), n)
+    x, reference_labels = sample_ddp_reference(model, (1, 8, 8), n, 1, 2, seed=0, draw=flow_sample, **kwargs)
+    assert np.array_equal(labels, reference_labels)
+    assert_same_images(images, to_uint8_digits(x))
+    with pytest.raises(config.ConfigError, match="general.path=flow"):  # a flow checkpoint is no DDPM model
+        sample_ddp.main(config.load([*sampling_args(workdir, 5), f"eval.ckpt={ckpt}"]))
+
+
 def test_sampling_refuses_other_routing(workdir):
     with pytest.raises(config.ConfigError, match="models.routing.sharing_ratio=0.8"):
         sample_ddp.main(config.load([*sampling_args(workdir, 2), "models.routing.sharing_ratio=0.5"]))
@@ -266,13 +292,18 @@ def test_evaluate_with_an_offline_extractor_against_a_folder(tmp_path):
         evaluate.main(config.load([*base, "eval.feature_extractor=nope", f"eval.ref_batch={tmp_path / 'ref'}"]))
 
 
-def test_demo_end_to_end_at_toy_size(workdir, tmp_path, monkeypatch, capsys):
-    """The demo trains, samples, evaluates and prints; its samples are the reference's from its checkpoint's EMA."""
+@pytest.mark.parametrize("path", ["ddpm", "flow"])
+def test_demo_end_to_end_at_toy_size(workdir, tmp_path, monkeypatch, capsys, path):
+    """The demo trains, samples, evaluates and prints; its samples are the reference's from its checkpoint's EMA
+    (DDPM's sampler, or the flow's Heun)."""
     import demo
 
     monkeypatch.chdir(tmp_path)
+    sampler = "heun2" if path == "flow" else "ddpm"
     metrics = demo.main(
         [
+            f"general.path={path}",
+            f"eval.sampler={sampler}",
             "models.depth=2",
             "models.hidden_size=32",
             "general.iterations=2",
@@ -300,8 +331,9 @@ def test_demo_end_to_end_at_toy_size(workdir, tmp_path, monkeypatch, capsys):
         / "0000002.pt"
     )
     model, masks = digits_model(ckpt["ema"], alpha=4.0, num_tasks=1000)
+    draw = flow_sample if path == "flow" else reference_sample
     x, labels = sample_ddp_reference(
-        model, (1, 8, 8), 12, 1, 500, seed=0, sampler="ddpm", steps=2, cfg_scale=1.5, num_classes=10, masks=masks
+        model, (1, 8, 8), 12, 1, 500, 0, draw, sampler=sampler, steps=2, cfg_scale=1.5, num_classes=10, masks=masks
     )
     (npz,) = model_dir.glob("*.npz")
     images, sampled_labels = check_npz(npz, 12)

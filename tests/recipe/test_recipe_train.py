@@ -112,10 +112,12 @@ def test_images_through_the_vae_resume_exactly(tmp_path, monkeypatch):
     assert_same_training_state(load(resumed["checkpoint"]), uninterrupted)
 
 
-def test_resume_is_exact_in_one_process(tmp_path, monkeypatch):
+@pytest.mark.parametrize("path", ["ddpm", "flow"])
+def test_resume_is_exact_in_one_process(tmp_path, monkeypatch, path):
     monkeypatch.chdir(tmp_path)
     base = [
         *DIGITS,
+        f"general.path={path}",
         "general.global_batch_size=8",
         "logs.log_every=100",
         "logs.results_dir=res",

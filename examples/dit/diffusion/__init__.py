@@ -1,6 +1,8 @@
-"""Gaussian diffusion for the DiT recipe: create_diffusion() builds the process DiT and the DTR paper use."""
+"""The DiT recipe's processes: create_diffusion() builds the Gaussian diffusion DiT and the DTR paper use,
+create_flow() SiT's flow matching (general.path=flow)."""
 
 from . import gaussian_diffusion as gd
+from .flow import create_flow
 from .respace import SpacedDiffusion, space_timesteps
 
 
@@ -44,4 +46,4 @@ def create_diffusion(
     )
 
 
-__all__ = ["create_diffusion", "SpacedDiffusion", "space_timesteps", "gd"]
+__all__ = ["create_diffusion", "create_flow", "SpacedDiffusion", "space_timesteps", "gd"]
