@@ -33,7 +33,7 @@ def nearest_tasks(s: np.ndarray, num_tasks: int = T) -> list[set[int]]:
     table = ddpm_logsnr(num_tasks)
     out = []
     for v in s:
-        flow = np.inf if v == 0 else -np.inf if v == 1 else 2 * np.log((1 - v) / v)
+        flow = np.inf if v == 0 else -np.inf if v == 1 else 2 * (np.log1p(-v) - np.log(v))  # no overflow for tiny v
         d = np.abs(table - flow)
         best = d.min()
         out.append({int(i) for i in np.flatnonzero(d <= best + 1e-9)})
