@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import os
 import pickle
-import tempfile
 import warnings
 
 import pytest
@@ -582,8 +581,8 @@ def _compiled(module) -> bool:
 
 def _process_group() -> None:
     if not dist.is_initialized():
-        store = dist.FileStore(tempfile.mktemp(prefix="dtr-fuzz-"), 1)
-        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+        # An in-memory store: one rank needs no rendezvous file (a FileStore left one in /tmp per run).
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 
 
 STEPS = {
