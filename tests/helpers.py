@@ -164,6 +164,13 @@ def tiny_dit(seed: int = 0, depth: int = 3, **kw) -> DiT:
     return perturbed(DiT(depth=depth, **kw), seed)
 
 
+def steady_dit(seed: int = 0, depth: int = 2) -> DiT:
+    """tiny_dit with the label dropout off, so a train-mode call is a function of its inputs (gradients compare)."""
+    model = tiny_dit(seed, depth=depth)
+    model.class_dropout_prob = 0.0
+    return model
+
+
 def inputs(batch: int = 6, seed: int = 1, t: torch.Tensor | None = None):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 4, 8, 8, generator=g)

@@ -27,7 +27,7 @@ from helpers import (
     dtr_masks,
     inputs,
     reference_forward,
-    tiny_dit,
+    steady_dit,
 )
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -36,12 +36,6 @@ import dtr
 
 RATIO, ALPHA = 0.5, 2.0
 TOL = dict(rtol=1e-5, atol=1e-6)
-
-
-def make(seed=0, depth=2):
-    model = tiny_dit(seed, depth=depth)
-    model.class_dropout_prob = 0.0
-    return model
 
 
 def wrap(model, **kw):
@@ -75,7 +69,7 @@ def assert_grads(a, b, **tol):
 
 
 def test_the_signatures_of_a_routed_models_and_blocks_forwards_are_their_own():
-    model = make()
+    model = steady_dit()
     before = inspect.signature(model.forward), inspect.signature(model.blocks[0].forward)
     wrap(model)
     assert (inspect.signature(model.forward), inspect.signature(model.blocks[0].forward)) == before
@@ -128,7 +122,7 @@ def test_wan22_modular_denoise_step_passes_what_the_routed_transformer_takes():
 
 @pytest.mark.parametrize("how", ["a tuple per argument", "a dict by argument name"])
 def test_torch_export_with_dynamic_batch_equals_eager_at_another_batch_size(how):
-    model = make().eval()
+    model = steady_dit().eval()
     wrap(model)
     x, t, y = inputs(batch=4)
     batch = torch.export.Dim("batch", min=2, max=16)
@@ -145,7 +139,7 @@ def test_torch_export_with_dynamic_batch_equals_eager_at_another_batch_size(how)
 
 
 def test_one_checkpoint_region_around_two_calls_of_the_model_has_exact_gradients():
-    model, reference = make().train(), make().train()
+    model, reference = steady_dit().train(), steady_dit().train()
     wrap(model)
     x, t1, y = inputs(batch=4)
     t2 = torch.tensor([999, 3, 640, 100])
@@ -188,9 +182,9 @@ class CallsItself(DiT):
 
 def test_a_model_that_calls_itself_checkpointed_whole_has_exact_gradients():
     model = CallsItself(depth=2)
-    model.load_state_dict(make().state_dict())
+    model.load_state_dict(steady_dit().state_dict())
     model.class_dropout_prob = 0.0
-    reference = make().train()
+    reference = steady_dit().train()
     wrap(model)
     model.train()
     x, t, y = inputs(batch=4)
@@ -291,8 +285,8 @@ class CallsForward(DiTBlock):
 
 
 def test_a_block_whose_call_calls_forward_is_routed():
-    model = make()
-    reference = make()
+    model = steady_dit()
+    reference = steady_dit()
     for i, block in enumerate(model.blocks):
         own = CallsForward(32, 4)
         own.load_state_dict(block.state_dict())
@@ -448,7 +442,7 @@ def test_quantize_dynamic_quantizes_routed_linears_and_they_stay_routed():
 
 def test_deepcopy_of_a_routed_peft_model_is_a_peft_model_and_merges():
     peft = pytest.importorskip("peft")
-    model = make()
+    model = steady_dit()
     wrap(model)
     lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["qkv", "proj"], init_lora_weights=False))
     for kind in (lora, lora.base_model):
@@ -463,7 +457,7 @@ def test_deepcopy_of_a_routed_peft_model_is_a_peft_model_and_merges():
 
 
 def test_deepcopy_of_a_compiled_routed_model_is_a_compiled_module():
-    model = make()
+    model = steady_dit()
     wrap(model)
     compiled = torch.compile(model, backend="eager")
     copied = copy.deepcopy(compiled)
@@ -536,7 +530,7 @@ def compiled_blocks(model):
 def test_checkpointing_forms_have_the_gradients_of_the_formula(form):
     cls = {"nested regions": NestedRegions, "a no_grad part": NoGradInside}.get(form, DiT)
     model = cls(depth=2)
-    model.load_state_dict(make().state_dict())
+    model.load_state_dict(steady_dit().state_dict())
     model.class_dropout_prob = 0.0
     if form == "selective checkpointing":
         selective(model)
@@ -546,7 +540,7 @@ def test_checkpointing_forms_have_the_gradients_of_the_formula(form):
     model.train()
     x, t, y = inputs(batch=4)
     got = grads(model, model(x, t, y).square().mean())
-    reference = make().train()
+    reference = steady_dit().train()
     if form == "a no_grad part":
         h, c = DiT.embed(reference, x, t, y)
         m = dtr.task_masks(T, 32, RATIO, ALPHA)[t].float()[:, None, :]
@@ -566,7 +560,7 @@ def test_checkpointing_forms_have_the_gradients_of_the_formula(form):
 
 def test_compile_dynamic_adds_no_graph_and_equals_eager_at_two_batch_sizes():
     torch._dynamo.reset()
-    model, plain = make().eval(), make().eval()
+    model, plain = steady_dit().eval(), steady_dit().eval()
     wrap(model)
     x, t, y = inputs(batch=4)
     unrouted = torch._dynamo.explain(torch.compile(plain, dynamic=True, backend="eager"))(x, t, y)
@@ -588,7 +582,7 @@ def test_compile_dynamic_adds_no_graph_and_equals_eager_at_two_batch_sizes():
 def test_per_sample_gradients_with_vmap_over_each_samples_timestep():
     from torch.func import functional_call, grad, vmap
 
-    model = make().double().eval()
+    model = steady_dit().double().eval()
     wrap(model)
     params = {k: v.detach() for k, v in model.named_parameters()}
     x, t, y = inputs(batch=4)
@@ -598,7 +592,7 @@ def test_per_sample_gradients_with_vmap_over_each_samples_timestep():
         return functional_call(model, p, (xi[None], ti[None], yi[None])).square().mean()
 
     per_sample = vmap(grad(loss), in_dims=(None, 0, 0, 0))(params, x, t, y)
-    reference = make().double().eval()
+    reference = steady_dit().double().eval()
     for i in range(4):
         want = grads(reference, by_hand(reference, x[i : i + 1], t[i : i + 1], y[i : i + 1]).square().mean())
         for name in want:
@@ -612,7 +606,7 @@ def test_per_sample_gradients_with_vmap_over_each_samples_timestep():
 
 def test_a_block_saved_alone_loads_as_a_plain_block_that_wrap_and_unwrap_accept(tmp_path):
     """0.3: a block torch.save'd alone could be run by no model, unwrapped ('not routed') nor wrapped ('already')."""
-    model = make()
+    model = steady_dit()
     wrap(model)
     torch.save(model.blocks[0], tmp_path / "block.pt")
     block = torch.load(tmp_path / "block.pt", weights_only=False)
@@ -621,7 +615,7 @@ def test_a_block_saved_alone_loads_as_a_plain_block_that_wrap_and_unwrap_accept(
         torch.testing.assert_close(block(h, c), DiTBlock.forward(block, h, c), rtol=0, atol=0)
     assert dtr.routing_of(block) is None
     dtr.unwrap(block)  # takes the leftover away
-    holder = make(seed=3)
+    holder = steady_dit(seed=3)
     holder.blocks[0] = torch.load(tmp_path / "block.pt", weights_only=False)
     wrap(holder)
     x, t, y = inputs(batch=4)
@@ -630,7 +624,7 @@ def test_a_block_saved_alone_loads_as_a_plain_block_that_wrap_and_unwrap_accept(
 
 
 def test_unwrapping_a_shallow_copy_says_what_to_do_and_leaves_the_original_routed():
-    model = make().eval()
+    model = steady_dit().eval()
     routing = wrap(model)
     shallow = copy.copy(model)
     with pytest.raises(ValueError, match=r"shallow copy \(copy.copy\).*Unwrap that one.*copy.deepcopy"):
@@ -643,7 +637,7 @@ def test_unwrapping_a_shallow_copy_says_what_to_do_and_leaves_the_original_route
 
 def test_a_deepcopy_of_a_parent_that_holds_a_block_before_the_model_is_routed():
     """0.3 copied the block first as a plain block, then refused the copied model ('replaced')."""
-    model = make().eval()
+    model = steady_dit().eval()
     wrap(model)
     parent = {"ema_block": model.blocks[1], "model": model}  # the block comes first in copy order
     copied = copy.deepcopy(parent)
@@ -724,7 +718,7 @@ def test_sana_wm_is_refused_by_name():
 
 
 def test_a_timestep_module_that_is_a_routed_block_is_named_as_such():
-    model = make()
+    model = steady_dit()
     with pytest.raises(ValueError, match="'blocks.0' would be both a residual module and the timestep module"):
         dtr.wrap(model, timestep_module="blocks.0")
 
@@ -735,7 +729,7 @@ def test_an_interrupt_at_any_bytecode_of_a_routed_call_leaves_no_call_open():
     import dtr as package
 
     src = package.__file__.rsplit("/", 1)[0]
-    model = make(depth=1)
+    model = steady_dit(depth=1)
     routing = wrap(model)
     x, t, y = inputs(batch=2)
 
@@ -795,13 +789,13 @@ def test_a_graph_break_inside_a_compiled_routed_models_forward():
     forward routing hands the model as ``model.forward``, routing's own: an endless recursion."""
     torch._dynamo.reset()
     model = GraphBreak(depth=2)
-    model.load_state_dict(make().state_dict())
+    model.load_state_dict(steady_dit().state_dict())
     model.class_dropout_prob = 0.0
     wrap(model)
     x, t, y = inputs(batch=4)
     compiled = torch.compile(model.eval(), backend="eager")
     with torch.no_grad():
-        torch.testing.assert_close(compiled(x, t, y), by_hand(make().eval(), x, t, y), **TOL)
+        torch.testing.assert_close(compiled(x, t, y), by_hand(steady_dit().eval(), x, t, y), **TOL)
 
 
 def test_accelerate_hooks_appended_after_wrap_keep_the_block_routed():
@@ -810,7 +804,7 @@ def test_accelerate_hooks_appended_after_wrap_keep_the_block_routed():
     own forward: the block is routed again around them (0.4 first refused it as a forward replaced after wrap)."""
     from accelerate.hooks import ModelHook, add_hook_to_module
 
-    model = make().eval()
+    model = steady_dit().eval()
     for block in model.blocks:
         add_hook_to_module(block, ModelHook())
     wrap(model)
@@ -818,7 +812,7 @@ def test_accelerate_hooks_appended_after_wrap_keep_the_block_routed():
         add_hook_to_module(block, ModelHook(), append=True)
     x, t, y = inputs(batch=4)
     with torch.no_grad():
-        torch.testing.assert_close(model(x, t, y), by_hand(make().eval(), x, t, y), **TOL)
+        torch.testing.assert_close(model(x, t, y), by_hand(steady_dit().eval(), x, t, y), **TOL)
 
 
 class NormConv(nn.Module):
@@ -870,7 +864,7 @@ def test_three_nested_checkpoint_regions(compiled_block):
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
 
     model = NestedRegions(depth=2)
-    model.load_state_dict(make().state_dict())
+    model.load_state_dict(steady_dit().state_dict())
     model.class_dropout_prob = 0.0
     wrap(model)
     if compiled_block:
@@ -878,7 +872,7 @@ def test_three_nested_checkpoint_regions(compiled_block):
     apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, DiTBlock))
     model.train()
     x, t, y = inputs(batch=4)
-    reference = make().train()
+    reference = steady_dit().train()
     assert_grads(
         grads(model, model(x, t, y).square().mean()), grads(reference, by_hand(reference, x, t, y).square().mean())
     )
@@ -893,7 +887,7 @@ def test_unwrap_gives_back_the_instance_forward_it_found():
     """Checked on the module's __dict__, not only on outputs: the forward accelerate put there is back, itself."""
     from accelerate.hooks import ModelHook, add_hook_to_module
 
-    model = make()
+    model = steady_dit()
     for block in model.blocks:
         add_hook_to_module(block, ModelHook())
     before = [dict(block.__dict__) for block in model.blocks]
@@ -941,7 +935,7 @@ def test_masks_of_one_call_are_kept_per_device():
 
 
 def test_a_direct_forward_inside_a_call_of_the_same_model_routes_by_its_own_timesteps():
-    model = make().eval()
+    model = steady_dit().eval()
     wrap(model)
     x, t, y = inputs(batch=4)
     t_inner = torch.tensor([999, 998, 997, 996])
@@ -961,7 +955,7 @@ def test_a_direct_forward_inside_a_call_of_the_same_model_routes_by_its_own_time
 
 
 def test_the_whole_model_pickles_with_its_routing_and_a_0_3_pickle_says_how_to_carry_it_over(tmp_path):
-    model = make().eval()
+    model = steady_dit().eval()
     wrap(model)
     loaded = pickle.loads(pickle.dumps(model))
     x, t, y = inputs(batch=4)

@@ -29,7 +29,7 @@ from helpers import (
     free_port,
     inputs,
     reference_forward,
-    tiny_dit,
+    steady_dit,
     untouched,
 )
 from torch import nn
@@ -40,12 +40,6 @@ from dtr import mechanism
 
 RATIO, ALPHA = 0.5, 2.0
 TOL = dict(rtol=1e-5, atol=1e-6)
-
-
-def make(seed=0, depth=2):
-    model = tiny_dit(seed, depth=depth)
-    model.class_dropout_prob = 0.0
-    return model
 
 
 def wrap(model):
@@ -104,20 +98,20 @@ def reference(order, system, where, t):
     wraps the routed block when applied after; module hooks (``"outside"``) run around the module's forward, so they
     wrap the routed block in either order; class patches and parametrize (``"inside"``) are part of the block."""
     inside = where == "inside" or (where == "instance" and order == "system first")
-    return swapped(system(make()), t) if inside else system(swapped(make(), t))
+    return swapped(system(steady_dit()), t) if inside else system(swapped(steady_dit(), t))
 
 
 def check_system(order, system, tol=TOL, where="instance"):
     """Routed model with ``system`` == reference with ``system``; unwrapped, == the unrouted model with it."""
     t = inputs(batch=4)[1]
-    routed = in_order(order, make(), system)
+    routed = in_order(order, steady_dit(), system)
     assert_same(routed, reference(order, system, where, t), tol)
     dtr.unwrap(routed)
-    plain = system(make())
+    plain = system(steady_dit())
     x, t, y = inputs(batch=4)
     with torch.no_grad():
         torch.testing.assert_close(routed.eval()(x, t, y), plain.eval()(x, t, y), rtol=0, atol=0)
-        assert not torch.allclose(plain(x, t, y), swapped(system(make()), t).eval()(x, t, y), atol=1e-4)
+        assert not torch.allclose(plain(x, t, y), swapped(system(steady_dit()), t).eval()(x, t, y), atol=1e-4)
     wrap(routed)  # and it can be routed again: the system is now part of the block
     with torch.no_grad():
         torch.testing.assert_close(
@@ -196,13 +190,13 @@ def group_offloading(model):
 def test_offloading_and_casting_hooks(system, order):
     if system is accelerate_offload:  # its parameters live on the meta device between calls: outputs, not grads
         t = inputs(batch=4)[1]
-        routed = in_order(order, make(), system)
+        routed = in_order(order, steady_dit(), system)
         x, t, y = inputs(batch=4)
         with torch.no_grad():
-            torch.testing.assert_close(routed.eval()(x, t, y), swapped(system(make()), t).eval()(x, t, y), **TOL)
+            torch.testing.assert_close(routed.eval()(x, t, y), swapped(system(steady_dit()), t).eval()(x, t, y), **TOL)
         dtr.unwrap(routed)
         with torch.no_grad():
-            assert torch.equal(routed(x, t, y), system(make()).eval()(x, t, y))
+            assert torch.equal(routed(x, t, y), system(steady_dit()).eval()(x, t, y))
         return
     check_system(order, system)
 
@@ -226,8 +220,8 @@ def test_accelerator_prepare_with_mixed_precision_and_unwrap_after_it(order, acc
         return Accelerator(cpu=True, mixed_precision="bf16").prepare(model)
 
     t = inputs(batch=4)[1]
-    routed = in_order(order, make(), prepare)
-    reference = prepare(swapped(make(), t))
+    routed = in_order(order, steady_dit(), prepare)
+    reference = prepare(swapped(steady_dit(), t))
     x, t, y = inputs(batch=4)
     with torch.no_grad():
         out = routed.eval()(x, t, y)
@@ -235,12 +229,12 @@ def test_accelerator_prepare_with_mixed_precision_and_unwrap_after_it(order, acc
         torch.testing.assert_close(out, reference.eval()(x, t, y), rtol=0, atol=0)
         # facebookresearch/DiT's forward_with_cfg calls self.forward: still one routed call
         xx, tt, yy = torch.cat([x[:2], x[:2]]), torch.cat([t[:2], t[:2]]), torch.tensor([1, 2, 10, 10])
-        cfg_reference = prepare(swapped(make(), tt)).eval()
+        cfg_reference = prepare(swapped(steady_dit(), tt)).eval()
         torch.testing.assert_close(
             routed.forward_with_cfg(xx, tt, yy, 1.5), cfg_reference.forward_with_cfg(xx, tt, yy, 1.5)
         )
         dtr.unwrap(routed)
-        torch.testing.assert_close(routed(x, t, y), prepare(make()).eval()(x, t, y), rtol=0, atol=0)
+        torch.testing.assert_close(routed(x, t, y), prepare(steady_dit()).eval()(x, t, y), rtol=0, atol=0)
 
 
 # -- class patches, replacement, parametrize ---------------------------------------------------------------------
@@ -260,16 +254,16 @@ def test_a_class_patch_of_forward_runs_in_routed_blocks(order, monkeypatch):
         return model
 
     t = inputs(batch=4)[1]
-    routed = in_order(order, make(), patch)
+    routed = in_order(order, steady_dit(), patch)
     x, t, y = inputs(batch=4)
     with torch.no_grad():
         out = routed.eval()(x, t, y)
         assert len(calls) == 2  # both routed blocks ran the patched forward
-        torch.testing.assert_close(out, swapped(make(), t).eval()(x, t, y), **TOL)
+        torch.testing.assert_close(out, swapped(steady_dit(), t).eval()(x, t, y), **TOL)
 
 
 def test_a_block_replaced_after_wrap_is_refused_at_the_next_call():
-    model = make()
+    model = steady_dit()
     routing = wrap(model)
     model.blocks[1] = DiTBlock(32, 4)
     x, t, y = inputs(batch=4)
@@ -385,19 +379,19 @@ def full_backward_hook(model):
 )
 def test_activation_checkpointing_forms(system, order):
     t = inputs(batch=4)[1]
-    routed = in_order(order, make(), system)
-    reference = swapped(make(), t)  # checkpointing recomputes: the gradients are those of the plain formula
+    routed = in_order(order, steady_dit(), system)
+    reference = swapped(steady_dit(), t)  # checkpointing recomputes: the gradients are those of the plain formula
     assert_same(routed, reference)
 
 
 def test_one_checkpoint_around_two_blocks():
     model = TwoBlocksPerCheckpoint(depth=2)
-    model.load_state_dict(make().state_dict())
+    model.load_state_dict(steady_dit().state_dict())
     model.class_dropout_prob = 0.0
     wrap(model)
     x, t, y = inputs(batch=4)
     out, grads = outputs_and_grads(model, x, t, y)
-    reference = swapped(make(), t)
+    reference = swapped(steady_dit(), t)
     ref_out, ref_grads = outputs_and_grads(reference, x, t, y)
     torch.testing.assert_close(out, ref_out, **TOL)
     for n in ref_grads:
@@ -406,7 +400,7 @@ def test_one_checkpoint_around_two_blocks():
 
 def test_one_input_tensor_fed_to_two_calls_at_different_timesteps_before_one_backward():
     """Replay by region, not by tensor: the same x at t1 and t2, one backward, each recomputed as recorded."""
-    model = checkpoint_each_block(make()).train()
+    model = checkpoint_each_block(steady_dit()).train()
     wrap(model)
     x, t1, y = inputs(batch=4)
     t2 = torch.tensor([999, 0, 998, 1])
@@ -414,7 +408,7 @@ def test_one_input_tensor_fed_to_two_calls_at_different_timesteps_before_one_bac
     model.zero_grad()
     (model(h, t1, y).square().mean() + 3 * model(h, t2, y).square().mean()).backward()
     got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    ref = make().train()
+    ref = steady_dit().train()
     hr = x.clone().requires_grad_()
     masks = dtr_masks(ref, RATIO, ALPHA)
     (
@@ -430,7 +424,7 @@ def test_one_input_tensor_fed_to_two_calls_at_different_timesteps_before_one_bac
 def test_a_checkpointed_block_recomputed_while_another_call_is_in_progress():
     """A gradient taken inside a later forward (a penalty term) recomputes the earlier call's regions by their own
     tasks, not by the call in progress."""
-    model = checkpoint_each_block(make()).train()
+    model = checkpoint_each_block(steady_dit()).train()
     routing = wrap(model)
     x, t1, y = inputs(batch=4)
     out = model(x, t1, y).square().mean()
@@ -444,7 +438,7 @@ def test_a_checkpointed_block_recomputed_while_another_call_is_in_progress():
     handle = model.final_layer.register_forward_pre_hook(take_grads)  # inside the second call (not recomputed)
     model(x, torch.tensor([999, 999, 999, 999]), y)
     handle.remove()
-    ref = make().train()
+    ref = steady_dit().train()
     want = torch.autograd.grad(
         reference_forward(ref, x, t1, y, dtr_masks(ref, RATIO, ALPHA)).square().mean(), [ref.blocks[0].qkv.weight]
     )[0]
@@ -490,9 +484,9 @@ class parametrize_free:
 
 @pytest.mark.parametrize("transform", ["grad", "vjp", "jvp", "jacrev", "jacfwd", "forward_ad", "vmap"])
 def test_torch_func_transforms_and_forward_mode_ad(transform):
-    model = make().double()
+    model = steady_dit().double()
     wrap(model)
-    plain = make().double()
+    plain = steady_dit().double()
     params = {n: p.detach() for n, p in model.named_parameters()}
     x = inputs(batch=3)[0].double()
     v = torch.randn_like(x)
@@ -562,7 +556,7 @@ def _fsdp_worker(rank, world, port, path):
 
     results = {}
     for order in ORDERS:
-        model = make()
+        model = steady_dit()
         if order == "system first":
             shard(model)
             wrap(model)
@@ -572,8 +566,8 @@ def _fsdp_worker(rank, world, port, path):
         results[order] = run(model)
         dtr.unwrap(model)  # FSDP2 subclassed the routed class (or was subclassed): unwrap still finishes
         results[order + " unwrapped"] = run(model)
-    results["reference"] = run(shard(swapped(make(), t[sl])))
-    results["unrouted"] = run(shard(make()))
+    results["reference"] = run(shard(swapped(steady_dit(), t[sl])))
+    results["unrouted"] = run(shard(steady_dit()))
     if rank == 0:
         torch.save(results, path)
     dist.barrier()
@@ -609,7 +603,7 @@ def test_ddp_made_before_wrap(tmp_path):
     mp.spawn(_ddp_then_wrap_worker, args=(2, free_port(), path), nprocs=2, join=True)
     got = torch.load(path, weights_only=True)
     x, t, y = inputs(batch=4)
-    _, want = outputs_and_grads(swapped(make(), t), x, t, y)
+    _, want = outputs_and_grads(swapped(steady_dit(), t), x, t, y)
     assert got.keys() == want.keys()
     for n in want:  # mean over 2 samples averaged over 2 ranks == mean over the 4
         torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6, msg=n)
@@ -619,7 +613,7 @@ def _ddp_then_wrap_worker(rank, world, port, path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    model = make().train()
+    model = steady_dit().train()
     ddp = nn.parallel.DistributedDataParallel(model)
     wrap(ddp)  # through the DDP wrapper, after it was made
     x, t, y = inputs(batch=4)
@@ -634,7 +628,7 @@ def _ddp_then_wrap_worker(rank, world, port, path):
 
 
 def test_a_wrap_that_fails_half_way_changes_nothing(monkeypatch):
-    model = make(depth=3)
+    model = steady_dit(depth=3)
     real = mechanism._attach
     done = []
 
@@ -662,7 +656,7 @@ class Frozen(DiTBlock):
 
 
 def test_blocks_that_forbid_new_attributes_are_routed_all_the_same():
-    model = make()
+    model = steady_dit()
     for i, block in enumerate(model.blocks):
         frozen = Frozen(32, 4)
         frozen.load_state_dict(block.state_dict())
@@ -679,13 +673,13 @@ def test_a_block_compiled_before_wrap_routes_and_runs_unrouted_again_after_unwra
     """``block.compile()`` compiles the block's ``_call_impl``, which reads its instance ``forward``: TorchDynamo
     guards that attribute, so the graph compiled unrouted is not reused once routing puts its forward there (0.3 had
     to refuse this order), nor the routed graph after unwrap."""
-    model, plain = make(), make()
+    model, plain = steady_dit(), steady_dit()
     x, t, y = inputs(batch=4)
     model.blocks[1].compile(backend="eager")
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x, t, y), plain.eval()(x, t, y), rtol=0, atol=0)
         wrap(model)
-        torch.testing.assert_close(model(x, t, y), swapped(make(), t).eval()(x, t, y), **TOL)
+        torch.testing.assert_close(model(x, t, y), swapped(steady_dit(), t).eval()(x, t, y), **TOL)
         dtr.unwrap(model)
         torch.testing.assert_close(model(x, t, y), plain(x, t, y), rtol=0, atol=0)
     assert untouched(model)
@@ -726,7 +720,7 @@ def test_torch_fx_and_jit_trace_are_refused_with_what_to_use_instead():
 
 
 def test_torch_export_routes():
-    model = make().eval()
+    model = steady_dit().eval()
     wrap(model)
     x, t, y = inputs(batch=4)
     exported = torch.export.export(model, (x, t, y))
@@ -758,7 +752,7 @@ def test_whole_model_pickles_of_older_versions_say_how_to_carry_the_model_over()
 
 
 def test_an_interrupt_at_any_module_leaves_no_call_behind():
-    model = make().eval()
+    model = steady_dit().eval()
     routing = wrap(model)
     x, t, y = inputs(batch=4)
     with torch.no_grad():
