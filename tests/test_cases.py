@@ -815,6 +815,37 @@ def test_accelerate_hooks_appended_after_wrap_keep_the_block_routed():
         torch.testing.assert_close(model(x, t, y), by_hand(steady_dit().eval(), x, t, y), **TOL)
 
 
+def test_accelerate_hooks_appended_after_wrap_over_a_class_patch_keep_the_block_routed():
+    """Fuzz program (tokens, seed 20): accelerate hook -> class patch -> wrap -> accelerate hook.  The first hook
+    kept the block's bound forward from before the class patch; appending a hook puts that one back and wraps the
+    new hooks around it: the block is routed again around them (0.4 looked only for the class's forward as it is
+    now, and refused the block as replaced)."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    model = steady_dit().eval()
+    for block in model.blocks:
+        add_hook_to_module(block, ModelHook())
+    cls = type(model.blocks[0])
+    original = cls.forward
+
+    def patched(self, *args, **kwargs):
+        return original(self, *args, **kwargs)
+
+    cls.forward = patched
+    try:
+        wrap(model)
+        for block in model.blocks:
+            add_hook_to_module(block, ModelHook(), append=True)
+        x, t, y = inputs(batch=4)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x, t, y), by_hand(steady_dit().eval(), x, t, y), **TOL)
+        dtr.unwrap(model)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x, t, y), steady_dit().eval()(x, t, y), **TOL)
+    finally:
+        cls.forward = original
+
+
 class NormConv(nn.Module):
     """x + conv(silu(norm(x))): the ADM placement routes its norm (a child)."""
 

@@ -295,10 +295,14 @@ def _keep_routed(module: nn.Module, attached: RoutedForward) -> None:
     if _leads_to(forward, lambda f: f is attached, depth=6):
         return
 
-    def own(f: Any) -> bool:  # the module's own forward, or the one routing found at wrap
-        return is_class_forward(f, module) or (attached.inner is not None and f is attached.inner)
+    def own(f: Any) -> bool:  # the module's own forward, the one routing found at wrap, or one it leads to
+        # (a hook added before wrap may hold the block's bound forward from before a class patch: put back, it is
+        # not the class's forward any more, but it is what routing ran)
+        if is_class_forward(f, module):
+            return True
+        return attached.inner is not None and _leads_to(attached.inner, lambda g: g is f, depth=6)
 
-    if forward is None or _leads_to(forward, own, depth=6) or _leads_to(attached.inner, lambda f: f is forward, 6):
+    if forward is None or _leads_to(forward, own, depth=6):
         attached.inner = None if forward is None or is_class_forward(forward, module) else forward
         state["forward"] = attached
         return
