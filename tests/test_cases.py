@@ -909,6 +909,44 @@ def test_three_nested_checkpoint_regions(compiled_block):
     )
 
 
+def test_a_block_compiled_on_its_own_after_the_model_was_compiled_whole_inside_checkpointing():
+    """Fuzz program (tokens, seed 24): wrap -> forward hook -> checkpointing[per block] -> torch.compile ->
+    torch.compile[block by block].  A hook that writes (a side effect in the region) breaks the whole model's graph at
+    the checkpoint, so the block runs its own graph from eager code, inside the region; only an eager model call put
+    its CompiledEntry in front, so the region recorded no call and the recomputation 'ran without a timestep'.  The
+    compiled model's entry puts it there too (a side effect TorchDynamo replays; fullgraph=True still holds)."""
+    model = steady_dit()
+    wrap(model)
+    seen = {}
+
+    def by_hand_stream(x, t, y):  # the stream leaving block 0, by the formula
+        plain = steady_dit().train()
+        h, c = DiT.embed(plain, x, t, y)
+        m = dtr_masks(plain, RATIO, ALPHA)[0][t].to(h.dtype)[:, None, :]
+        return DiTBlock.forward(plain.blocks[0], m * h, c) + (1 - m) * h
+
+    def tap(module, args, out):  # REPA-style: keeps the first stream it sees
+        if "out" not in seen:
+            seen["out"] = out.detach().clone()
+        return out * 1.0
+
+    model.blocks[0].register_forward_hook(tap)
+    model.gradient_checkpointing = True
+    model.train()
+    compiled = torch.compile(model, backend="aot_eager")
+    x, t, y = inputs(batch=4)
+    reference = steady_dit().train()
+    want = grads(reference, by_hand(reference, x, t, y).square().mean())
+    try:
+        assert_grads(grads(model, compiled(x, t, y).square().mean()), want)
+        model.blocks[0].compile(backend="aot_eager")
+        seen.clear()  # the hook writes again: a side effect in the region, which breaks the model's graph there
+        assert_grads(grads(model, compiled(x, t, y).square().mean()), want)
+        torch.testing.assert_close(seen["out"], by_hand_stream(x, t, y), **TOL)
+    finally:
+        torch._dynamo.reset()
+
+
 #################################################################################
 #                Three bugs the 0.3 suite let through (planted)                  #
 #################################################################################

@@ -202,7 +202,7 @@ class CompiledEntry:
 
 
 def _enter_compiled(module: nn.Module, runtime: Runtime) -> None:
-    """Put a ``CompiledEntry`` in front of ``module``'s compiled call, if it has one without it (eager only)."""
+    """Put a ``CompiledEntry`` in front of ``module``'s compiled call, if it has one without it."""
     state = module.__dict__
     compiled = state.get("_compiled_call_impl")
     if compiled is not None and not isinstance(compiled, CompiledEntry):
@@ -243,8 +243,8 @@ def check_places(
     A few dict lookups per routed module and level.  A wrapper put around a routed module (a checkpoint wrapper,
     FSDP1, torch.compile's OptimizedModule) still runs it routed: the tree then follows the path inside it.  Eagerly,
     a module whose instance ``forward`` was set again over routing's (a hook removed after wrap restores the forward
-    it found) is routed again around it, a class patch of ``forward`` is taken up, and modules compiled on their own
-    get their ``CompiledEntry``.  A routed module that torch.ao's quantization swapped for its quantized version
+    it found) is routed again around it and a class patch of ``forward`` is taken up; modules compiled on their own
+    get their ``CompiledEntry`` (also while the model's entry is compiled).  A routed module that torch.ao's quantization swapped for its quantized version
     (``quantize_dynamic``, ``convert``: they carry a module's hooks over too) is routed in its place (``adopt``).
     """
     children = module._modules
@@ -270,17 +270,20 @@ def check_places(
                 _replaced(prefix + key, child)
             tree[key] = node = inside
             behaviour = None
-        if eager:
-            compiled = child._compiled_call_impl
-            if (compiled is not None and compiled.__class__ is not CompiledEntry) or (
-                child.__class__.__name__ == "OptimizedModule"
-            ):
-                _enter_compiled(child, runtime)
-            if behaviour is not None:
-                if attached.func is not child.__class__.forward:  # a class patch since: taken up
-                    attached.func = child.__class__.forward
-                if "forward" not in state or state["forward"] is not attached:
-                    _keep_routed(child, attached)
+        # A module compiled on its own gets its CompiledEntry, also when the model's entry is being compiled (a
+        # block compiled after the model was compiled whole runs its own graph from eager code where the model's
+        # graph breaks, and a checkpoint region around it records its call there): TorchDynamo replays the write
+        # after the graph, with no graph break.
+        compiled = child._compiled_call_impl
+        if (compiled is not None and compiled.__class__ is not CompiledEntry) or (
+            eager and child.__class__.__name__ == "OptimizedModule"
+        ):
+            _enter_compiled(child, runtime)
+        if eager and behaviour is not None:
+            if attached.func is not child.__class__.forward:  # a class patch since: taken up
+                attached.func = child.__class__.forward
+            if "forward" not in state or state["forward"] is not attached:
+                _keep_routed(child, attached)
         if len(node) > (behaviour is not None):
             check_places(child, node, runtime, eager, adopt, f"{prefix}{key}.")
 
