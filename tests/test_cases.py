@@ -947,6 +947,26 @@ def test_a_block_compiled_on_its_own_after_the_model_was_compiled_whole_inside_c
         torch._dynamo.reset()
 
 
+def test_blocks_compiled_on_their_own_then_the_model_with_fullgraph():
+    """The compiled entry put in place from a compiled model's entry (above) is a side effect, not a graph break:
+    blocks compiled first, then the whole model with fullgraph=True, equals the formula, outputs and gradients."""
+    model = steady_dit().train()
+    wrap(model)
+    for block in model.blocks:
+        block.compile(backend="aot_eager")
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x, t, y = inputs(batch=4)
+    reference = steady_dit().train()
+    try:
+        got = grads(model, compiled(x, t, y).square().mean())
+        assert all(type(b.__dict__["_compiled_call_impl"]).__name__ == "CompiledEntry" for b in model.blocks)
+        assert_grads(got, grads(reference, by_hand(reference, x, t, y).square().mean()))
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x, t, y), by_hand(reference, x, t, y), **TOL)
+    finally:
+        torch._dynamo.reset()
+
+
 #################################################################################
 #                Three bugs the 0.3 suite let through (planted)                  #
 #################################################################################
