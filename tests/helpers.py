@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import copy
 import math
-import socket
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -207,11 +207,10 @@ def assert_grads_close(a: dict, b: dict, **tol) -> None:
         torch.testing.assert_close(a[n], b[n], msg=n, **tol)
 
 
-def free_port() -> int:
-    """A free TCP port on localhost, for a gloo process group."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def join_group(rank: int, world: int, rendezvous: str) -> None:
+    """Join a gloo process group met through a file (a free TCP port picked by one test could be taken by another
+    running beside it under pytest-xdist before its workers bind it)."""
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
 
 
 def untouched(model: nn.Module) -> bool:

@@ -7,6 +7,7 @@ the matrix.
 """
 
 import copy
+import functools
 import inspect
 import pickle
 import sys
@@ -844,6 +845,50 @@ def test_accelerate_hooks_appended_after_wrap_over_a_class_patch_keep_the_block_
             torch.testing.assert_close(model(x, t, y), steady_dit().eval()(x, t, y), **TOL)
     finally:
         cls.forward = original
+
+
+def test_accelerate_hooks_appended_after_the_routed_model_was_compiled():
+    """Fuzz program (tokens, seed 24): accelerate hook -> wrap -> torch.compile -> accelerate hook.  Silently wrong
+    in 0.4 before this test (3.3 off): the compiled model's entry did not route again a block whose forward was put
+    back from under routing's (only eager calls did), so the recompiled model ran the block unrouted."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    model = steady_dit().eval()
+    for block in model.blocks:
+        add_hook_to_module(block, ModelHook())
+    wrap(model)
+    compiled = torch.compile(model, backend="aot_eager")  # accelerate's SequentialHook: no fullgraph, routed or not
+    x, t, y = inputs(batch=4)
+    want = by_hand(steady_dit().eval(), x, t, y)
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x, t, y), want, **TOL)
+            for block in model.blocks:
+                add_hook_to_module(block, ModelHook(), append=True)
+            torch.testing.assert_close(compiled(x, t, y), want, **TOL)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_a_forward_put_back_after_a_fullgraph_compile_is_routed_again_in_the_graph():
+    """A wrapper set as a block's forward before wrap and removed after the model was compiled with fullgraph=True
+    (as a hook removed would): the compiled model's entry routes the block again while tracing, with no graph break."""
+    model = steady_dit().eval()
+    for block in model.blocks:
+        block.forward = functools.wraps(type(block).forward)(functools.partial(type(block).forward, block))
+    wrap(model)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x, t, y = inputs(batch=4)
+    want = by_hand(steady_dit().eval(), x, t, y)
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x, t, y), want, **TOL)
+            for block in model.blocks:
+                del block.forward  # routing's, with the wrapper inside: the block's class forward shows again
+            torch.testing.assert_close(compiled(x, t, y), want, **TOL)
+        assert all(block.__dict__.get("_dtr_behaviour") is block.__dict__["forward"] for block in model.blocks)
+    finally:
+        torch._dynamo.reset()
 
 
 class NormConv(nn.Module):

@@ -9,7 +9,6 @@ matrix these tests fill in.
 
 import copy
 import gc
-import os
 import pickle
 import weakref
 
@@ -26,8 +25,8 @@ from helpers import (
     Symmetric,
     T,
     dtr_masks,
-    free_port,
     inputs,
+    join_group,
     reference_forward,
     steady_dit,
     untouched,
@@ -525,12 +524,11 @@ def test_torch_func_transforms_and_forward_mode_ad(transform):
 # -- FSDP2 (gloo on CPU, world size 1 and 2), DDP ---------------------------------------------------------------------
 
 
-def _fsdp_worker(rank, world, port, path):
+def _fsdp_worker(rank, world, rendezvous, path):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    join_group(rank, world, rendezvous)
     torch.set_num_threads(1)
     mesh = init_device_mesh("cpu", (world,))
     x, t, y = inputs(batch=4)
@@ -580,7 +578,7 @@ def test_fsdp2_mixed_precision_and_checkpointing_in_either_order(world, tmp_path
     """fully_shard on every block and the root, bf16 parameters, fp32 reductions, checkpointing: routed in
     either order equals the reference sharded the same way; unwrapped, it equals the unrouted sharded model."""
     path = str(tmp_path / "results.pt")
-    mp.spawn(_fsdp_worker, args=(world, free_port(), path), nprocs=world, join=True)
+    mp.spawn(_fsdp_worker, args=(world, str(tmp_path / "rendezvous"), path), nprocs=world, join=True)
     results = torch.load(path, weights_only=True)
     ref_out, ref_grads = results["reference"]
     plain_out, plain_grads = results["unrouted"]
@@ -600,7 +598,7 @@ def test_fsdp2_mixed_precision_and_checkpointing_in_either_order(world, tmp_path
 @pytest.mark.slow
 def test_ddp_made_before_wrap(tmp_path):
     path = str(tmp_path / "grads.pt")
-    mp.spawn(_ddp_then_wrap_worker, args=(2, free_port(), path), nprocs=2, join=True)
+    mp.spawn(_ddp_then_wrap_worker, args=(2, str(tmp_path / "rendezvous"), path), nprocs=2, join=True)
     got = torch.load(path, weights_only=True)
     x, t, y = inputs(batch=4)
     _, want = outputs_and_grads(swapped(steady_dit(), t), x, t, y)
@@ -609,9 +607,8 @@ def test_ddp_made_before_wrap(tmp_path):
         torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
-def _ddp_then_wrap_worker(rank, world, port, path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _ddp_then_wrap_worker(rank, world, rendezvous, path):
+    join_group(rank, world, rendezvous)
     torch.set_num_threads(1)
     model = steady_dit().train()
     ddp = nn.parallel.DistributedDataParallel(model)

@@ -2,13 +2,12 @@
 DDP and bad input, each checked against the formula written out on plain tensors (tests/helpers.py)."""
 
 import copy
-import os
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import DiT, FinalLayer, T, dtr_masks, free_port, grads, inputs, reference_forward, tiny_dit, untouched
+from helpers import DiT, FinalLayer, T, dtr_masks, grads, inputs, join_group, reference_forward, tiny_dit, untouched
 from torch import nn
 
 import dtr
@@ -302,9 +301,8 @@ def test_reentrant_checkpointing_fails_clearly():
 # -- DistributedDataParallel -------------------------------------------------------------------
 
 
-def _ddp_worker(rank, world, port, path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _ddp_worker(rank, world, rendezvous, path):
+    join_group(rank, world, rendezvous)
     torch.set_num_threads(1)
     model = tiny_dit().train()
     model.class_dropout_prob = 0.0
@@ -326,7 +324,7 @@ def test_ddp_two_processes_match_one_process_gradients(tmp_path):
     dtr.wrap(model)
     ref = grads(model, batches_loss(model, [inputs()]))
     path = str(tmp_path / "grads.pt")
-    mp.spawn(_ddp_worker, args=(2, free_port(), path), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "rendezvous"), path), nprocs=2, join=True)
     got = torch.load(path, weights_only=True)
     assert got.keys() == ref.keys()
     for n in ref:  # mean over 3 samples, averaged over 2 ranks == mean over the 6

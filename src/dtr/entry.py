@@ -243,9 +243,10 @@ def check_places(
     A few dict lookups per routed module and level.  A wrapper put around a routed module (a checkpoint wrapper,
     FSDP1, torch.compile's OptimizedModule) still runs it routed: the tree then follows the path inside it.  Eagerly,
     a module whose instance ``forward`` was set again over routing's (a hook removed after wrap restores the forward
-    it found) is routed again around it and a class patch of ``forward`` is taken up; modules compiled on their own
-    get their ``CompiledEntry`` (also while the model's entry is compiled).  A routed module that torch.ao's quantization swapped for its quantized version
-    (``quantize_dynamic``, ``convert``: they carry a module's hooks over too) is routed in its place (``adopt``).
+    it found) is routed again around it (compiled too) and a class patch of ``forward`` is taken up; modules compiled
+    on their own get their ``CompiledEntry`` (also while the model's entry is compiled).  A routed module that
+    torch.ao's quantization swapped for its quantized version (``quantize_dynamic``, ``convert``: they carry a
+    module's hooks over too) is routed in its place (``adopt``).
     """
     children = module._modules
     for key, node in list(tree.items()):
@@ -279,7 +280,7 @@ def check_places(
             eager and child.__class__.__name__ == "OptimizedModule"
         ):
             _enter_compiled(child, runtime)
-        if eager and behaviour is not None:
+        if behaviour is not None:
             if attached.func is not child.__class__.forward:  # a class patch since: taken up
                 attached.func = child.__class__.forward
             if "forward" not in state or state["forward"] is not attached:
@@ -295,18 +296,11 @@ def _keep_routed(module: nn.Module, attached: RoutedForward) -> None:
     its hooks in one).  Any other is refused, since it would run unrouted or routed twice."""
     state = module.__dict__
     forward = state.get("forward")
-    if _leads_to(forward, lambda f: f is attached, depth=6):
+    verdict = _verdict(module, attached, forward)
+    if verdict == "routed":
         return
-
-    def own(f: Any) -> bool:  # the module's own forward, the one routing found at wrap, or one it leads to
-        # (a hook added before wrap may hold the block's bound forward from before a class patch: put back, it is
-        # not the class's forward any more, but it is what routing ran)
-        if is_class_forward(f, module):
-            return True
-        return attached.inner is not None and _leads_to(attached.inner, lambda g: g is f, depth=6)
-
-    if forward is None or _leads_to(forward, own, depth=6):
-        attached.inner = None if forward is None or is_class_forward(forward, module) else forward
+    if verdict in ("own", "wrapper"):
+        attached.inner = None if verdict == "own" else forward
         state["forward"] = attached
         return
     raise RuntimeError(
@@ -314,6 +308,27 @@ def _keep_routed(module: nn.Module, attached: RoutedForward) -> None:
         "does not call routing's (wrappers are found through __wrapped__, functools.partial or a closure): call "
         "dtr.unwrap(model) and dtr.wrap(model) again after changing forwards, or wrap with functools.wraps"
     )
+
+
+def _verdict(module: nn.Module, attached: RoutedForward, forward: Any) -> str:
+    """What ``module``'s instance ``forward`` is to routing: "routed" (it leads to routing's), "own" (none, or the
+    module's own: route it again), "wrapper" (it wraps the module's own forward or the one routing found at wrap, or
+    one that leads to: route again around it), else "other".  A hook added before wrap may hold the block's bound
+    forward from before a class patch: put back, it is not the class's forward any more, but it is what routing ran.
+    """
+    # Identity by id(): TorchDynamo traces this too (a compiled model's entry routes a block again after a hook
+    # changed its forward), and cannot trace ``is`` between two functools.partial objects.
+    if _leads_to(forward, lambda f: id(f) == id(attached), depth=6):
+        return "routed"
+    if forward is None or is_class_forward(forward, module):
+        return "own"
+
+    def own(f: Any) -> bool:
+        if is_class_forward(f, module):
+            return True
+        return attached.inner is not None and _leads_to(attached.inner, lambda g: id(g) == id(f), depth=6)
+
+    return "wrapper" if _leads_to(forward, own, depth=6) else "other"
 
 
 def _leads_to(fn: Any, found: Callable[[Any], bool], depth: int) -> bool:
