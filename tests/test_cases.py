@@ -870,14 +870,16 @@ def test_accelerate_hooks_appended_after_the_routed_model_was_compiled():
         torch._dynamo.reset()
 
 
-def test_a_forward_put_back_after_a_fullgraph_compile_is_routed_again_in_the_graph():
-    """A wrapper set as a block's forward before wrap and removed after the model was compiled with fullgraph=True
-    (as a hook removed would): the compiled model's entry routes the block again while tracing, with no graph break."""
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_a_forward_put_back_after_compiling_is_routed_again(fullgraph):
+    """A wrapper set as a block's forward before wrap and removed after the model was compiled (as a hook removed
+    would): the compiled model's entry routes the block again, from eager code (one graph break, in that trace);
+    under fullgraph=True that call is refused saying what to do, and after one eager call the graph is whole."""
     model = steady_dit().eval()
     for block in model.blocks:
         block.forward = functools.wraps(type(block).forward)(functools.partial(type(block).forward, block))
     wrap(model)
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=fullgraph)
     x, t, y = inputs(batch=4)
     want = by_hand(steady_dit().eval(), x, t, y)
     try:
@@ -885,6 +887,10 @@ def test_a_forward_put_back_after_a_fullgraph_compile_is_routed_again_in_the_gra
             torch.testing.assert_close(compiled(x, t, y), want, **TOL)
             for block in model.blocks:
                 del block.forward  # routing's, with the wrapper inside: the block's class forward shows again
+            if fullgraph:
+                with pytest.raises(Exception, match="call the model once without compiling first"):
+                    compiled(x, t, y)
+                torch.testing.assert_close(model(x, t, y), want, **TOL)
             torch.testing.assert_close(compiled(x, t, y), want, **TOL)
         assert all(block.__dict__.get("_dtr_behaviour") is block.__dict__["forward"] for block in model.blocks)
     finally:

@@ -284,7 +284,10 @@ def check_places(
             if attached.func is not child.__class__.forward:  # a class patch since: taken up
                 attached.func = child.__class__.forward
             if "forward" not in state or state["forward"] is not attached:
-                _keep_routed(child, attached)
+                if eager:
+                    _keep_routed(child, attached)
+                elif _verdict(child, attached, state.get("forward")) != "routed":  # traced: a wrapper of routing's
+                    _keep_routed_eagerly(child, attached)  # passes; any other is taken up from eager code
         if len(node) > (behaviour is not None):
             check_places(child, node, runtime, eager, adopt, f"{prefix}{key}.")
 
@@ -310,14 +313,24 @@ def _keep_routed(module: nn.Module, attached: RoutedForward) -> None:
     )
 
 
+# Compiled, a forward set from under routing's since the last trace is routed again from eager code: one graph
+# break, in the one trace after the change (a write made while tracing is not seen by the calls traced after it on
+# every torch version), so that what runs next calls routing's.  Under fullgraph=True that trace fails, saying why.
+_keep_routed_eagerly = torch.compiler.disable(
+    _keep_routed,
+    reason="dtr: a routed module's forward was set again since the model was compiled (a hook added or removed); "
+    "routing takes it up from eager code, a graph break in this one trace: under fullgraph=True, call the model "
+    "once without compiling first",
+)
+
+
 def _verdict(module: nn.Module, attached: RoutedForward, forward: Any) -> str:
     """What ``module``'s instance ``forward`` is to routing: "routed" (it leads to routing's), "own" (none, or the
     module's own: route it again), "wrapper" (it wraps the module's own forward or the one routing found at wrap, or
     one that leads to: route again around it), else "other".  A hook added before wrap may hold the block's bound
     forward from before a class patch: put back, it is not the class's forward any more, but it is what routing ran.
     """
-    # Identity by id(): TorchDynamo traces this too (a compiled model's entry routes a block again after a hook
-    # changed its forward), and cannot trace ``is`` between two functools.partial objects.
+    # Identity by id(): compiled, this is traced, and TorchDynamo cannot trace ``is`` between two partials.
     if _leads_to(forward, lambda f: id(f) == id(attached), depth=6):
         return "routed"
     if forward is None or is_class_forward(forward, module):
@@ -326,7 +339,7 @@ def _verdict(module: nn.Module, attached: RoutedForward, forward: Any) -> str:
     def own(f: Any) -> bool:
         if is_class_forward(f, module):
             return True
-        return attached.inner is not None and _leads_to(attached.inner, lambda g: id(g) == id(f), depth=6)
+        return attached.inner is not None and _leads_to(attached.inner, lambda g: g is f, depth=6)
 
     return "wrapper" if _leads_to(forward, own, depth=6) else "other"
 
