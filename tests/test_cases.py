@@ -888,7 +888,8 @@ def test_a_forward_put_back_after_compiling_is_routed_again(fullgraph):
             for block in model.blocks:
                 del block.forward  # routing's, with the wrapper inside: the block's class forward shows again
             if fullgraph:
-                with pytest.raises(Exception, match="call the model once without compiling first"):
+                # refused loudly, with routing's reason where torch shows it (2.14; 2.8 names its disable)
+                with pytest.raises(Exception, match="call the model once without compiling first|marked as skipped"):
                     compiled(x, t, y)
                 torch.testing.assert_close(model(x, t, y), want, **TOL)
             torch.testing.assert_close(compiled(x, t, y), want, **TOL)

@@ -313,15 +313,17 @@ def _keep_routed(module: nn.Module, attached: RoutedForward) -> None:
     )
 
 
-# Compiled, a forward set from under routing's since the last trace is routed again from eager code: one graph
-# break, in the one trace after the change (a write made while tracing is not seen by the calls traced after it on
-# every torch version), so that what runs next calls routing's.  Under fullgraph=True that trace fails, saying why.
-_keep_routed_eagerly = torch.compiler.disable(
-    _keep_routed,
-    reason="dtr: a routed module's forward was set again since the model was compiled (a hook added or removed); "
-    "routing takes it up from eager code, a graph break in this one trace: under fullgraph=True, call the model "
-    "once without compiling first",
-)
+def _keep_routed_eagerly(module: nn.Module, attached: RoutedForward) -> None:
+    """Compiled, a forward set from under routing's since the last trace is routed again from eager code: one graph
+    break, in the one trace after the change (a write made while tracing is not seen by the calls traced after it on
+    every torch version), so that what runs next calls routing's.  Under fullgraph=True that trace fails, saying why.
+    Made here, not at import: ``torch.compiler.disable`` imports TorchDynamo, which ``import dtr`` does not."""
+    reason = (
+        "dtr: a routed module's forward was set again since the model was compiled (a hook added or removed); "
+        "routing takes it up from eager code, a graph break in this one trace: under fullgraph=True, call the model "
+        "once without compiling first"
+    )
+    return torch.compiler.disable(_keep_routed, reason=reason)(module, attached)
 
 
 def _verdict(module: nn.Module, attached: RoutedForward, forward: Any) -> str:
