@@ -649,12 +649,12 @@ class _Draws:
         return self.values.pop(0)
 
 
-@pytest.mark.xfail(strict=True, raises=torch.utils.checkpoint.CheckpointError, reason="open: found by seed 27")
+@pytest.mark.xfail(raises=RuntimeError, reason="open: found by seed 27 (torch 2.14: CheckpointError)")
 def test_open_compiled_model_in_a_two_call_region_with_per_block_regions_wrapped_last():
     """Fuzz program (tokens, DTR_FUZZ_SEED=27): torch.compile -> checkpointing[per block] -> checkpointing[two
     calls] -> forward hook -> wrap.  Loud, not silent: the two-call region's recomputation saves other tensors than
     its forward did (torch's CheckpointError in backward).  Wrapping first, or without the hook, it is exact
-    (the fuzzer draws those).  Kept as an open case: strict, so a fix shows here."""
+    (the fuzzer draws those).  Kept as an open case (not strict: checked on torch 2.14 only; a pass shows XPASS)."""
     state = State("tokens")
     draws = _Draws([False, "per block", "two calls", 0, False])
     try:
