@@ -649,6 +649,9 @@ class _Draws:
         return self.values.pop(0)
 
 
+@pytest.mark.skipif(
+    tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 14), reason="observed on torch 2.14 only"
+)
 @pytest.mark.xfail(raises=RuntimeError, reason="open: found by seed 27 (torch 2.14: CheckpointError)")
 def test_open_compiled_model_in_a_two_call_region_with_per_block_regions_wrapped_last():
     """Fuzz program (tokens, DTR_FUZZ_SEED=27): torch.compile -> checkpointing[per block] -> checkpointing[two
