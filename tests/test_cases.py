@@ -799,18 +799,23 @@ def test_a_graph_break_inside_a_compiled_routed_models_forward():
         torch.testing.assert_close(compiled(x, t, y), by_hand(steady_dit().eval(), x, t, y), **TOL)
 
 
+def hook_blocks(model, append=False):
+    """An accelerate ``ModelHook`` on every block (``append=True``: chained to the one already there)."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    for block in model.blocks:
+        add_hook_to_module(block, ModelHook(), append=append)
+    return model
+
+
 def test_accelerate_hooks_appended_after_wrap_keep_the_block_routed():
     """Fuzz program (tokens): accelerate hook -> wrap -> accelerate hook.  add_hook_to_module(append=True) removes
     the hook it finds (putting back the forward it found, from under routing's) and wraps both around the module's
     own forward: the block is routed again around them (0.4 first refused it as a forward replaced after wrap)."""
-    from accelerate.hooks import ModelHook, add_hook_to_module
-
     model = steady_dit().eval()
-    for block in model.blocks:
-        add_hook_to_module(block, ModelHook())
+    hook_blocks(model)
     wrap(model)
-    for block in model.blocks:
-        add_hook_to_module(block, ModelHook(), append=True)
+    hook_blocks(model, append=True)
     x, t, y = inputs(batch=4)
     with torch.no_grad():
         torch.testing.assert_close(model(x, t, y), by_hand(steady_dit().eval(), x, t, y), **TOL)
@@ -821,11 +826,8 @@ def test_accelerate_hooks_appended_after_wrap_over_a_class_patch_keep_the_block_
     kept the block's bound forward from before the class patch; appending a hook puts that one back and wraps the
     new hooks around it: the block is routed again around them (0.4 looked only for the class's forward as it is
     now, and refused the block as replaced)."""
-    from accelerate.hooks import ModelHook, add_hook_to_module
-
     model = steady_dit().eval()
-    for block in model.blocks:
-        add_hook_to_module(block, ModelHook())
+    hook_blocks(model)
     cls = type(model.blocks[0])
     original = cls.forward
 
@@ -835,8 +837,7 @@ def test_accelerate_hooks_appended_after_wrap_over_a_class_patch_keep_the_block_
     cls.forward = patched
     try:
         wrap(model)
-        for block in model.blocks:
-            add_hook_to_module(block, ModelHook(), append=True)
+        hook_blocks(model, append=True)
         x, t, y = inputs(batch=4)
         with torch.no_grad():
             torch.testing.assert_close(model(x, t, y), by_hand(steady_dit().eval(), x, t, y), **TOL)
@@ -851,11 +852,8 @@ def test_accelerate_hooks_appended_after_the_routed_model_was_compiled():
     """Fuzz program (tokens, seed 24): accelerate hook -> wrap -> torch.compile -> accelerate hook.  Silently wrong
     in 0.4 before this test (3.3 off): the compiled model's entry did not route again a block whose forward was put
     back from under routing's (only eager calls did), so the recompiled model ran the block unrouted."""
-    from accelerate.hooks import ModelHook, add_hook_to_module
-
     model = steady_dit().eval()
-    for block in model.blocks:
-        add_hook_to_module(block, ModelHook())
+    hook_blocks(model)
     wrap(model)
     compiled = torch.compile(model, backend="aot_eager")  # accelerate's SequentialHook: no fullgraph, routed or not
     x, t, y = inputs(batch=4)
@@ -863,8 +861,7 @@ def test_accelerate_hooks_appended_after_the_routed_model_was_compiled():
     try:
         with torch.no_grad():
             torch.testing.assert_close(compiled(x, t, y), want, **TOL)
-            for block in model.blocks:
-                add_hook_to_module(block, ModelHook(), append=True)
+            hook_blocks(model, append=True)
             torch.testing.assert_close(compiled(x, t, y), want, **TOL)
     finally:
         torch._dynamo.reset()
@@ -1026,11 +1023,8 @@ def test_blocks_compiled_on_their_own_then_the_model_with_fullgraph():
 
 def test_unwrap_gives_back_the_instance_forward_it_found():
     """Checked on the module's __dict__, not only on outputs: the forward accelerate put there is back, itself."""
-    from accelerate.hooks import ModelHook, add_hook_to_module
-
     model = steady_dit()
-    for block in model.blocks:
-        add_hook_to_module(block, ModelHook())
+    hook_blocks(model)
     before = [dict(block.__dict__) for block in model.blocks]
     routing = wrap(model)
     assert all(block.__dict__["forward"] is not b["forward"] for block, b in zip(model.blocks, before))

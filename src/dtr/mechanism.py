@@ -41,7 +41,7 @@ class Behaviour:
     live = True
 
     def forward(self, module: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} is a Behaviour: it must define forward()")  # the contract
 
 
 class RoutedForward:
